@@ -1,0 +1,212 @@
+"""Benchmark the carved FFN against the dense FFN and the official per-expert loop.
+
+Sweeps the number of tokens for one FFN shape carved at S2A2E16 and S3A3E8 and times, per layer:
+
+  dense        the dense gated FFN, three matmuls as transformers runs it (cuBLAS / MKL)
+  loop         `cmoe_kernels.per_expert_loop`, the official CMoE code's loop over all experts
+  gather-bmm   the first idea for decode: copy the chosen experts' weights, then bmm (T <= 16)
+  torch        `carved_ffn_torch`, the PyTorch path
+  triton       `carved_ffn_triton`, the Triton kernels (CUDA only)
+
+Weights are streamed from memory, not cached: every provider runs over a ring of distinct layers
+whose weights total --ring-mb (default 1024 MB, beyond any cache), and the time per layer is the
+ring's time divided by its length. Decode is memory-bound, so the report gives the bandwidth
+reached on the bytes of weights actually needed (the union of the experts the tokens chose, or
+all weights for dense); prefill is compute-bound, so it gives TFLOP/s (2 flops per multiply-add
+of the active experts).
+
+    python benchmarks/benchmark_carved_ffn.py                       # Llama-2-7B FFN, all tokens
+    python benchmarks/benchmark_carved_ffn.py --shape smollm2 --tokens 1,4,16,64,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import cmoe_kernels
+from cmoe_kernels import carved_ffn_torch, per_expert_loop
+
+# (hidden size D, FFN neurons N)
+SHAPES = {"llama2-7b": (4096, 11008), "smollm2": (576, 1536)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    shape: str
+    layout: str
+    provider: str
+    tokens: int
+    us: float
+    active_mb: float
+    gb_per_s: float
+    tflops: float
+    speedup_vs_dense: float = float("nan")
+
+
+def parse_layout(spec: str, n_neurons: int) -> tuple[int, int, int, int]:
+    """'S2A2E16' -> (shared 2, active routed 2, experts 16, neurons per expert m)."""
+    s, rest = spec.upper().removeprefix("S").split("A")
+    a, e = rest.split("E")
+    S, A, E = int(s), int(a), int(e)
+    if n_neurons % E:
+        raise SystemExit(f"--layouts {spec}: {n_neurons} neurons do not split into {E} experts")
+    return S, A, E, n_neurons // E
+
+
+def route(T: int, S: int, A: int, E: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, S+A]: the shared experts 0..S-1, then A distinct random routed ones; gates."""
+    routed = torch.rand(T, E - S, generator=generator).argsort(dim=1)[:, :A] + S  # [T, A]
+    ids = torch.cat([torch.arange(S).expand(T, S), routed], dim=1)
+    gates = torch.cat([torch.ones(T, S), 0.5 + torch.rand(T, A, generator=generator)], dim=1)
+    return ids.to(device), gates.to(device)
+
+
+def dense_ffn(x, w_gate, w_up, w_down):
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def gather_bmm(x, gate_up, down, ids, gates):
+    """The rejected decode idea: index_select the chosen experts' weights, then bmm."""
+    T, K = ids.shape
+    m = down.shape[-1]
+    flat = ids.reshape(-1)
+    h = torch.bmm(gate_up.index_select(0, flat), x.repeat_interleave(K, 0).unsqueeze(-1))
+    a = (F.silu(h[:, :m]) * h[:, m:]).mul_(gates.reshape(-1, 1, 1).to(h.dtype))  # [T*K, m, 1]
+    y = torch.bmm(down.index_select(0, flat), a)  # [T*K, D, 1]
+    return y.view(T, K, -1).sum(1)
+
+
+def time_ring(fn: Callable, ring: list[tuple], device: torch.device, reps: int, min_s: float) -> float:
+    """Median seconds per layer of fn over the ring (after one warm-up pass)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for args in ring:
+            fn(*args)
+        sync()
+        times, start = [], time.perf_counter()
+        while len(times) < reps or (time.perf_counter() - start < min_s and len(times) < 100):
+            t0 = time.perf_counter()
+            for args in ring:
+                fn(*args)
+            sync()
+            times.append((time.perf_counter() - t0) / len(ring))
+    return statistics.median(times)
+
+
+def ring_length(layer_bytes: int, ring_mb: float) -> int:
+    return max(2, int(ring_mb * 2**20 // layer_bytes) + 1)
+
+
+def bench_shape(args, device: torch.device) -> list[Row]:
+    D, N = SHAPES[args.shape]
+    dtype = DTYPES[args.dtype]
+    size = torch.finfo(dtype).bits // 8
+    gen = torch.Generator().manual_seed(0)
+    rows: list[Row] = []
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(device, dtype)
+
+    dense_bytes = 3 * D * N * size
+    n_dense = ring_length(dense_bytes, args.ring_mb)
+    dense_ring = [(randn(N, D), randn(N, D), randn(D, N)) for _ in range(n_dense)]
+    dense_us = {}
+    for T in args.tokens:
+        x = torch.randn(T, D, generator=gen).to(device, dtype)
+        t = time_ring(dense_ffn, [(x, *w) for w in dense_ring], device, args.reps, args.min_s)
+        dense_us[T] = t * 1e6
+        flops = 2 * T * 3 * D * N
+        rows.append(Row(args.shape, "dense", "dense", T, t * 1e6, dense_bytes / 2**20,
+                        dense_bytes / t / 1e9, flops / t / 1e12, 1.0))
+        print(f"{args.shape} dense T={T}: {t * 1e6:.0f} us", file=sys.stderr)
+    del dense_ring
+
+    for layout in args.layouts:
+        S, A, E, m = parse_layout(layout, N)
+        K = S + A
+        expert_bytes = 3 * D * m * size
+        n_layers = ring_length(E * expert_bytes, args.ring_mb)
+        weights = [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)]
+        providers: dict[str, Callable] = {"loop": per_expert_loop, "torch": carved_ffn_torch}
+        if device.type == "cuda" and cmoe_kernels.triton_available():
+            providers["triton"] = cmoe_kernels.carved_ffn_triton
+        for T in args.tokens:
+            x = torch.randn(T, D, generator=gen).to(device, dtype)
+            ids, gates = route(T, S, A, E, device, gen)
+            ring = [(x, gu, dn, ids, gates) for gu, dn in weights]
+            active = torch.unique(ids).numel() * expert_bytes  # union of the chosen experts
+            flops = 2 * T * K * 3 * D * m
+            chosen = {k: v for k, v in providers.items() if k in args.providers}
+            if "gather-bmm" in args.providers and T <= 16:
+                chosen["gather-bmm"] = gather_bmm
+            if "loop" in chosen and T > args.loop_max_tokens:
+                del chosen["loop"]
+            for name, fn in chosen.items():
+                t = time_ring(fn, ring, device, args.reps, args.min_s)
+                rows.append(Row(args.shape, layout, name, T, t * 1e6, active / 2**20,
+                                active / t / 1e9, flops / t / 1e12, dense_us[T] / (t * 1e6)))
+                print(f"{args.shape} {layout} {name} T={T}: {t * 1e6:.0f} us", file=sys.stderr)
+        del weights
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'layout':9} {'provider':10} {'T':>5} {'us':>10} {'active MB':>9} {'GB/s':>7} " \
+           f"{'TFLOP/s':>8} {'x dense':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.layout:9} {r.provider:10} {r.tokens:5d} {r.us:10.1f} {r.active_mb:9.2f} "
+              f"{r.gb_per_s:7.2f} {r.tflops:8.4f} {r.speedup_vs_dense:7.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="FFN shape (D, N)")
+    p.add_argument("--layouts", default="S2A2E16,S3A3E8", help="carved layouts, comma-separated")
+    p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="token counts to sweep")
+    p.add_argument("--providers", default="loop,gather-bmm,torch,triton",
+                   help="carved providers to run (dense always runs)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights and activations (default fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--ring-mb", type=float, default=1024.0,
+                   help="total weight bytes per provider's ring of layers (beyond the caches)")
+    p.add_argument("--reps", type=int, default=5, help="minimum timed passes over the ring")
+    p.add_argument("--min-s", type=float, default=1.0, help="minimum timed seconds per point")
+    p.add_argument("--loop-max-tokens", type=int, default=1024,
+                   help="skip the per-expert loop above this many tokens (it is slow)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = p.parse_args(argv)
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.layouts = [s.strip() for s in args.layouts.split(",")]
+    args.providers = [s.strip() for s in args.providers.split(",")]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# {args.shape} D,N={SHAPES[args.shape]} {args.dtype} on {name}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    rows = bench_shape(args, device)
+    print_table(rows)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+
+
+if __name__ == "__main__":
+    main()

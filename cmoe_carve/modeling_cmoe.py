@@ -1,0 +1,200 @@
+"""Modeling code of a carved (CMoE) checkpoint: the carved FFN, its router, and the model class.
+
+This file is copied into every carved checkpoint as `modeling_cmoe.py`, followed by two lines
+that bind it to the source architecture, so that `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` works with only torch and transformers installed. It must therefore
+import nothing from cmoe_carve. When the project is installed, the fast expert kernels of
+`cmoe_kernels` are used; without it, the plain PyTorch path below runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+try:  # the project's kernels (Triton on GPUs, a fast gather path on CPUs), when installed
+    from cmoe_kernels import carved_ffn as _fast_carved_ffn
+except Exception:  # noqa: BLE001 - any import problem means: use the plain path
+    _fast_carved_ffn = None
+
+# Activations the kernels implement, by transformers' ACT2FN name.
+_KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def experts_forward_torch(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    """Plain PyTorch experts: y[t] = sum_k gates[t,k] * down[e] @ (act(gate_e x) * up_e x).
+
+    x [T, D], gate_up [E, 2m, D], down [E, D, m], ids [T, K], gates [T, K] -> [T, D].
+    Tokens are grouped by expert (one matmul per expert that has tokens), never looped over.
+    """
+    num_tokens, top = ids.shape
+    m = down.shape[-1]
+    flat_ids = ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # [T*K] slots grouped by expert
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    x_sorted = x[order // top]  # [T*K, D]: slot t*K + k belongs to token t
+    y_sorted = torch.empty(order.numel(), x.shape[-1], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        xe = x_sorted[start : start + count]  # [n, D]
+        gu = xe @ gate_up[expert].t()  # [n, 2m]
+        y_sorted[start : start + count] = (act_fn(gu[:, :m]) * gu[:, m:]) @ down[expert].t()
+        start += count
+    # Undo the sort and combine each token's K slots in a fixed order (deterministic).
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted
+    weighted = y.view(num_tokens, top, -1).float() * gates.float()[..., None]  # [T, K, D]
+    return weighted.sum(1).to(x.dtype)
+
+
+class CarvedRouter(nn.Module):
+    """Training-free router: scores from representative neurons (or a fitted linear map).
+
+    scores = softmax(s); experts = top-k of (scores + bias); gates = 1 + scores * scale.
+    `bias` only steers selection (load balancing); `scale` (u) starts at 0, so gates start at 1.
+    """
+
+    def __init__(self, hidden_size: int, num_routed: int, top_k: int, kind: str, act_fn):
+        super().__init__()
+        self.kind = kind
+        self.top_k = top_k
+        self.act_fn = act_fn
+        self.gate_weight = nn.Parameter(torch.empty(num_routed, hidden_size))  # [Nr, D]
+        self.up_weight = nn.Parameter(torch.empty(num_routed, hidden_size))  # [Nr, D]
+        self.scale = nn.Parameter(torch.zeros(num_routed))  # u [Nr]
+        self.register_buffer("bias", torch.zeros(num_routed))  # b [Nr], selection only
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> unnormalised expert scores [T, Nr] in fp32."""
+        if self.kind == "linear":
+            return (x @ self.gate_weight.t()).float()
+        # Representative neurons: |act(g_R x) * (u_R x)| as in CMoE.
+        return (self.act_fn(x @ self.gate_weight.t()) * (x @ self.up_weight.t())).abs().float()
+
+    def forward(self, x: torch.Tensor):
+        scores = torch.softmax(self.logits(x), dim=-1)  # [T, Nr]
+        top = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices  # [T, k]
+        gates = 1.0 + scores.gather(-1, top) * self.scale.float()[top]  # [T, k]
+        return scores, top, gates
+
+
+class CarvedMLP(nn.Module):
+    """A gated FFN cut into shared and routed experts stored as stacked tensors.
+
+    gate_up_proj [E, 2m, D] (gate rows then up rows) and down_proj [E, D, m], the layout of
+    transformers' MoE blocks; experts 0..S-1 are shared (always on, gate 1), S..E-1 routed.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_size: int,
+        num_shared: int,
+        num_experts: int,
+        top_k: int,
+        activation: str,
+        router: str = "representative",
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.expert_size = expert_size
+        self.num_shared = num_shared
+        self.num_experts = num_experts
+        self.activation = activation
+        self.act_fn = ACT2FN[activation]
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+        self.router = CarvedRouter(
+            hidden_size, num_experts - num_shared, top_k, router, self.act_fn
+        )
+        # Filled by route() callers that want statistics (carving report, bench, finetune).
+        self.last_routing: torch.Tensor | None = None
+        self.record_routing = False
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def num_routed(self) -> int:
+        return self.num_experts - self.num_shared
+
+    def route(self, x: torch.Tensor):
+        """x [T, D] -> expert ids [T, S+k] (shared first) and gates [T, S+k]."""
+        scores, top, gates = self.router(x)
+        num_tokens = x.shape[0]
+        shared = torch.arange(self.num_shared, device=x.device).expand(num_tokens, -1)
+        ids = torch.cat([shared, top + self.num_shared], dim=-1)
+        ones = torch.ones(num_tokens, self.num_shared, dtype=gates.dtype, device=x.device)
+        return ids, torch.cat([ones, gates], dim=-1), top
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
+        ids, gates, top = self.route(x)
+        if self.record_routing:
+            self.last_routing = top.detach()
+        kernel_act = _KERNEL_ACTIVATIONS.get(self.activation)
+        if _fast_carved_ffn is not None and kernel_act is not None:
+            y = _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
+        else:
+            y = experts_forward_torch(x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn)
+        return y.reshape(shape)
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every gated MLP, in model order."""
+    return [(name, mod) for name, mod in model.named_modules() if is_gated_mlp(mod)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install_carved_mlps(model: nn.Module, cmoe: dict, hidden_size: int) -> None:
+    """Replace the gated MLPs named in `cmoe["mlp_names"]` by empty CarvedMLPs of the saved shape."""
+    for name, top_k in zip(cmoe["mlp_names"], cmoe["top_k"]):
+        carved = CarvedMLP(
+            hidden_size=hidden_size,
+            expert_size=cmoe["expert_size"],
+            num_shared=cmoe["num_shared"],
+            num_experts=cmoe["num_experts"],
+            top_k=top_k,
+            activation=cmoe["activation"],
+            router=cmoe.get("router", "representative"),
+        )
+        replace_module(model, name, carved)
+
+
+def build_classes(base_config_cls, base_model_cls):
+    """The carved config and model classes for one source architecture (e.g. Llama)."""
+
+    class CmoeConfig(base_config_cls):
+        model_type = "cmoe"
+
+    class CmoeForCausalLM(base_model_cls):
+        config_class = CmoeConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            install_carved_mlps(self, config.cmoe, config.hidden_size)
+
+    CmoeConfig.__name__ = CmoeConfig.__qualname__ = "CmoeConfig"
+    CmoeForCausalLM.__name__ = CmoeForCausalLM.__qualname__ = "CmoeForCausalLM"
+    return CmoeConfig, CmoeForCausalLM
