@@ -86,8 +86,10 @@ def gather_bmm(x, gate_up, down, ids, gates):
     return y.view(T, K, -1).sum(1)
 
 
-def time_ring(fn: Callable, ring: list[tuple], device: torch.device, reps: int, min_s: float) -> float:
-    """Median seconds per layer of fn over the ring (after one warm-up pass)."""
+def time_ring(
+    fn: Callable, ring: list[tuple], device: torch.device, reps: int, min_s: float, stat: str
+) -> float:
+    """Seconds per layer of fn over the ring, median (or min) of passes after one warm-up."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for args in ring:
@@ -100,7 +102,7 @@ def time_ring(fn: Callable, ring: list[tuple], device: torch.device, reps: int, 
                 fn(*args)
             sync()
             times.append((time.perf_counter() - t0) / len(ring))
-    return statistics.median(times)
+    return min(times) if stat == "min" else statistics.median(times)
 
 
 def ring_length(layer_bytes: int, ring_mb: float) -> int:
@@ -123,7 +125,7 @@ def bench_shape(args, device: torch.device) -> list[Row]:
     dense_us = {}
     for T in args.tokens:
         x = torch.randn(T, D, generator=gen).to(device, dtype)
-        t = time_ring(dense_ffn, [(x, *w) for w in dense_ring], device, args.reps, args.min_s)
+        t = time_ring(dense_ffn, [(x, *w) for w in dense_ring], device, args.reps, args.min_s, args.stat)
         dense_us[T] = t * 1e6
         flops = 2 * T * 3 * D * N
         rows.append(Row(args.shape, "dense", "dense", T, t * 1e6, dense_bytes / 2**20,
@@ -152,7 +154,7 @@ def bench_shape(args, device: torch.device) -> list[Row]:
             if "loop" in chosen and T > args.loop_max_tokens:
                 del chosen["loop"]
             for name, fn in chosen.items():
-                t = time_ring(fn, ring, device, args.reps, args.min_s)
+                t = time_ring(fn, ring, device, args.reps, args.min_s, args.stat)
                 rows.append(Row(args.shape, layout, name, T, t * 1e6, active / 2**20,
                                 active / t / 1e9, flops / t / 1e12, dense_us[T] / (t * 1e6)))
                 print(f"{args.shape} {layout} {name} T={T}: {t * 1e6:.0f} us", file=sys.stderr)
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="total weight bytes per provider's ring of layers (beyond the caches)")
     p.add_argument("--reps", type=int, default=5, help="minimum timed passes over the ring")
     p.add_argument("--min-s", type=float, default=1.0, help="minimum timed seconds per point")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="statistic over passes; min on a machine shared with other jobs")
     p.add_argument("--loop-max-tokens", type=int, default=1024,
                    help="skip the per-expert loop above this many tokens (it is slow)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# {args.shape} D,N={SHAPES[args.shape]} {args.dtype} on {name}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.stat} of passes")
     rows = bench_shape(args, device)
     print_table(rows)
     if args.csv:

@@ -19,10 +19,17 @@ def select_shared(rates: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(order[:count]).values
 
 
-def squared_distances(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """||f_i - c_j||^2 for features [n, F] and centroids [k, F] -> [n, k], in fp32."""
-    f, c = features.float(), centroids.float()
-    dist = (f * f).sum(1, keepdim=True) - 2.0 * (f @ c.t()) + (c * c).sum(1)[None, :]
+def squared_distances(
+    features: torch.Tensor, centroids: torch.Tensor, feature_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """||f_i - c_j||^2 for features [n, F] and centroids [k, F] -> [n, k], in fp32.
+
+    `feature_norms` ([n], ||f_i||^2) may be passed in: k-means reuses it on every pass.
+    """
+    if feature_norms is None:
+        feature_norms = features.pow(2).sum(1)
+    c = centroids.float()
+    dist = feature_norms[:, None] - 2.0 * (features @ c.t()) + c.pow(2).sum(1)[None, :]
     return dist.clamp_min_(0.0)
 
 
@@ -67,10 +74,12 @@ def balanced_kmeans(
     Iterates assignment and mean update until no label changes, or `max_iter` passes.
     """
     k = init.numel()
-    centroids = features[init].float()
+    features = features.float()
+    norms = features.pow(2).sum(1)
+    centroids = features[init]
     labels = None
     for iteration in range(1, max_iter + 1):
-        new = balanced_assign(squared_distances(features, centroids))
+        new = balanced_assign(squared_distances(features, centroids, norms))
         converged = labels is not None and torch.equal(new, labels)
         labels = new
         centroids = cluster_means(features, labels, k)
