@@ -26,7 +26,7 @@ import csv
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -86,23 +86,43 @@ def gather_bmm(x, gate_up, down, ids, gates):
     return y.view(T, K, -1).sum(1)
 
 
-def time_ring(
-    fn: Callable, ring: list[tuple], device: torch.device, reps: int, min_s: float, stat: str
-) -> float:
-    """Seconds per layer of fn over the ring, median (or min) of passes after one warm-up."""
+@dataclass
+class Job:
+    """One provider at one token count: a function, its ring of per-layer arguments, its work."""
+
+    layout: str
+    provider: str
+    fn: Callable
+    ring: list[tuple]
+    active_bytes: int
+    flops: int
+    times: list[float] = field(default_factory=list)
+
+
+def time_jobs(jobs: list[Job], device: torch.device, args) -> None:
+    """Seconds per layer of each job, passes interleaved across jobs.
+
+    One pass runs a job over its whole ring of layers. Passes of all jobs alternate (dense,
+    loop, torch, dense, ...), so that a drift in machine load (this CPU is shared) hits every
+    provider alike; each job keeps its pass times.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        for args in ring:
-            fn(*args)
+        for job in jobs:  # warm-up pass
+            for a in job.ring:
+                job.fn(*a)
         sync()
-        times, start = [], time.perf_counter()
-        while len(times) < reps or (time.perf_counter() - start < min_s and len(times) < 100):
-            t0 = time.perf_counter()
-            for args in ring:
-                fn(*args)
-            sync()
-            times.append((time.perf_counter() - t0) / len(ring))
-    return min(times) if stat == "min" else statistics.median(times)
+        start = time.perf_counter()
+        while True:
+            for job in jobs:
+                t0 = time.perf_counter()
+                for a in job.ring:
+                    job.fn(*a)
+                sync()
+                job.times.append((time.perf_counter() - t0) / len(job.ring))
+            n = len(jobs[0].times)
+            if n >= args.reps and (time.perf_counter() - start > args.min_s or n >= 100):
+                return
 
 
 def ring_length(layer_bytes: int, ring_mb: float) -> int:
@@ -114,51 +134,47 @@ def bench_shape(args, device: torch.device) -> list[Row]:
     dtype = DTYPES[args.dtype]
     size = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(0)
-    rows: list[Row] = []
 
     def randn(*shape):
         return (torch.randn(*shape, generator=gen) * 0.02).to(device, dtype)
 
+    # Each ring holds --ring-mb of distinct layers, so every pass streams its weights from memory.
     dense_bytes = 3 * D * N * size
-    n_dense = ring_length(dense_bytes, args.ring_mb)
-    dense_ring = [(randn(N, D), randn(N, D), randn(D, N)) for _ in range(n_dense)]
-    dense_us = {}
-    for T in args.tokens:
-        x = torch.randn(T, D, generator=gen).to(device, dtype)
-        t = time_ring(dense_ffn, [(x, *w) for w in dense_ring], device, args.reps, args.min_s, args.stat)
-        dense_us[T] = t * 1e6
-        flops = 2 * T * 3 * D * N
-        rows.append(Row(args.shape, "dense", "dense", T, t * 1e6, dense_bytes / 2**20,
-                        dense_bytes / t / 1e9, flops / t / 1e12, 1.0))
-        print(f"{args.shape} dense T={T}: {t * 1e6:.0f} us", file=sys.stderr)
-    del dense_ring
-
+    dense_ring = [(randn(N, D), randn(N, D), randn(D, N)) for _ in range(ring_length(dense_bytes, args.ring_mb))]
+    carved = {}
     for layout in args.layouts:
         S, A, E, m = parse_layout(layout, N)
-        K = S + A
-        expert_bytes = 3 * D * m * size
-        n_layers = ring_length(E * expert_bytes, args.ring_mb)
-        weights = [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)]
-        providers: dict[str, Callable] = {"loop": per_expert_loop, "torch": carved_ffn_torch}
-        if device.type == "cuda" and cmoe_kernels.triton_available():
-            providers["triton"] = cmoe_kernels.carved_ffn_triton
-        for T in args.tokens:
-            x = torch.randn(T, D, generator=gen).to(device, dtype)
+        n_layers = ring_length(3 * D * N * size, args.ring_mb)
+        carved[layout] = (S, A, E, m, [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)])
+    providers: dict[str, Callable] = {"loop": per_expert_loop, "gather-bmm": gather_bmm,
+                                      "torch": carved_ffn_torch}
+    if device.type == "cuda" and cmoe_kernels.triton_available():
+        providers["triton"] = cmoe_kernels.carved_ffn_triton
+
+    rows: list[Row] = []
+    for T in args.tokens:
+        x = torch.randn(T, D, generator=gen).to(device, dtype)
+        jobs = [Job("dense", "dense", dense_ffn, [(x, *w) for w in dense_ring], dense_bytes,
+                    2 * T * 3 * D * N)]
+        for layout, (S, A, E, m, weights) in carved.items():
             ids, gates = route(T, S, A, E, device, gen)
-            ring = [(x, gu, dn, ids, gates) for gu, dn in weights]
-            active = torch.unique(ids).numel() * expert_bytes  # union of the chosen experts
-            flops = 2 * T * K * 3 * D * m
-            chosen = {k: v for k, v in providers.items() if k in args.providers}
-            if "gather-bmm" in args.providers and T <= 16:
-                chosen["gather-bmm"] = gather_bmm
-            if "loop" in chosen and T > args.loop_max_tokens:
-                del chosen["loop"]
-            for name, fn in chosen.items():
-                t = time_ring(fn, ring, device, args.reps, args.min_s, args.stat)
-                rows.append(Row(args.shape, layout, name, T, t * 1e6, active / 2**20,
-                                active / t / 1e9, flops / t / 1e12, dense_us[T] / (t * 1e6)))
-                print(f"{args.shape} {layout} {name} T={T}: {t * 1e6:.0f} us", file=sys.stderr)
-        del weights
+            active = torch.unique(ids).numel() * 3 * D * m * size  # union of the chosen experts
+            flops = 2 * T * (S + A) * 3 * D * m
+            for name, fn in providers.items():
+                if name not in args.providers:
+                    continue
+                if (name == "gather-bmm" and T > 16) or (name == "loop" and T > args.loop_max_tokens):
+                    continue
+                ring = [(x, gu, dn, ids, gates) for gu, dn in weights]
+                jobs.append(Job(layout, name, fn, ring, active, flops))
+        time_jobs(jobs, device, args)
+        stat = min if args.stat == "min" else statistics.median
+        dense_t = stat(jobs[0].times)
+        for job in jobs:
+            t = stat(job.times)
+            rows.append(Row(args.shape, job.layout, job.provider, T, t * 1e6, job.active_bytes / 2**20,
+                            job.active_bytes / t / 1e9, job.flops / t / 1e12, dense_t / t))
+            print(f"{job.layout} {job.provider} T={T}: {t * 1e6:.0f} us", file=sys.stderr)
     return rows
 
 

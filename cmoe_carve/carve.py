@@ -20,10 +20,13 @@ from .errors import ModelError, SpecError
 from .grouping import group_neurons
 from .modeling_cmoe import CarvedMLP, find_gated_mlps, replace_module
 from .profiling import profile_layer
+from .router_fit import expert_output_norms, fit_linear_router, oracle_agreement, standardize_rows
 from .progress import progress_bar
 from .spec import ExpertSpec, check_spec_fits, parse_spec
 
 log = logging.getLogger(__name__)
+
+ROUTERS = ("fitted", "representative")
 
 
 @dataclass
@@ -36,6 +39,14 @@ class CarveConfig:
     cosine_scores: bool = field(
         default=True, metadata={"help": "profile with unit-norm inputs and weight rows"}
     )
+    router: str = field(
+        default="fitted",
+        metadata={
+            "help": "fitted: ridge regression of expert output norms on the FFN input; "
+            "representative: CMoE's representative-neuron router"
+        },
+    )
+    ridge: float = field(default=1e-3, metadata={"help": "ridge strength of the fitted router"})
 
     def __post_init__(self):
         self.layout: ExpertSpec = parse_spec(self.spec)
@@ -44,6 +55,8 @@ class CarveConfig:
             raise SpecError(f"--k-act must be at least 1, got {self.k_act}")
         if self.max_iter < 1:
             raise SpecError(f"--max-iter must be at least 1, got {self.max_iter}")
+        if self.router not in ROUTERS:
+            raise SpecError(f"unknown --router {self.router!r}: use one of {', '.join(ROUTERS)}")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "layout"}
@@ -126,7 +139,9 @@ class LayerReport:
     representatives: list[int]
     expert_load: list[float]  # fraction of calibration tokens routed to each routed expert
     load_max_over_mean: float
-    reconstruction_error: float  # ||carved - dense||^2 / ||dense||^2 on calibration tokens
+    reconstruction_error: float  # ||carved - dense||^2 / ||dense||^2 on held-out tokens
+    energy_reproduced: float  # 1 - reconstruction_error: share of the dense output's energy kept
+    oracle_agreement: float  # share of the norm-oracle's top-k experts the router picks
     kmeans_iterations: int
     kmeans_converged: bool
     seconds: float
@@ -159,20 +174,42 @@ class _CarveOnCall(nn.Module):
 
 
 def _held_out_rows(num_tokens: int, limit: int) -> torch.Tensor:
-    """Evenly spaced token rows (at most `limit`) for measuring reconstruction error."""
+    """Evenly spaced token rows (at most `limit`, at most a quarter of all) held out from the
+    router fit, for measuring reconstruction error and oracle agreement."""
+    limit = max(1, min(limit, num_tokens // 4))
     step = max(1, num_tokens // limit)
     return torch.arange(0, num_tokens, step)[:limit]
 
 
 @torch.no_grad()
 def _routing_stats(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, rows: torch.Tensor):
-    """Expert load (fraction of tokens per routed expert) and relative reconstruction error."""
+    """Expert load (fraction of tokens per routed expert), relative reconstruction error and
+    agreement with the norm-oracle on the held-out rows."""
     _, _, top = carved.route(x)
     counts = torch.bincount(top.reshape(-1).cpu(), minlength=carved.num_routed).double()
     xs = x[rows.to(x.device)]
     ref = dense(xs).float()
     err = (carved(xs).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
-    return (counts / x.shape[0]).tolist(), err.item()
+    norms = _routed_norms(carved, xs)
+    agree = oracle_agreement(carved.router.logits(xs), norms, carved.top_k)
+    return (counts / x.shape[0]).tolist(), err.item(), agree
+
+
+def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
+    s = carved.num_shared
+    return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
+
+
+@torch.no_grad()
+def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float) -> None:
+    """Replace the representative-neuron router by one regressed on expert output norms."""
+    targets = standardize_rows(_routed_norms(carved, x))
+    weight, intercept = fit_linear_router(x, targets, ridge)
+    router = carved.router
+    router.kind = "linear"
+    router.gate_weight.copy_(weight)
+    router.up_weight.zero_()  # unused by a linear router
+    router.logit_bias.copy_(intercept)
 
 
 # Tokens used to measure each layer's reconstruction error: enough for a stable ratio, and a
@@ -223,6 +260,10 @@ def carve_model(
                     config.cosine_scores,
                 )
                 rows = _held_out_rows(x.shape[0], _ERROR_TOKENS)
+                if config.router == "fitted":
+                    fit = torch.ones(x.shape[0], dtype=torch.bool)
+                    fit[rows] = False  # measured on tokens the fit did not see
+                    _fit_router(carved, x[fit.to(x.device)], config.ridge)
                 facts.update(prof=prof, groups=groups, stats=_routing_stats(carved, dense, x, rows))
                 return carved
 
@@ -250,7 +291,7 @@ def carve_model(
         "expert_size": layout.expert_size(intermediate),
         "intermediate_size": intermediate,
         "activation": act_name,
-        "router": "representative",
+        "router": "linear" if config.router == "fitted" else "representative",
         "mlp_names": [name for name, _ in mlps],
         "base_config_class": type(model.config).__name__,
         "base_model_class": type(model).__name__,
@@ -262,7 +303,7 @@ def carve_model(
 
 def _layer_report(name, layout, intermediate, facts, seconds) -> LayerReport:
     prof, groups = facts["prof"], facts["groups"]
-    load, rel_err = facts["stats"]
+    load, rel_err, agreement = facts["stats"]
     shared_ids = groups.experts[: layout.num_shared].reshape(-1)
     shared_ids = shared_ids[shared_ids < intermediate]
     mean_load = sum(load) / len(load)
@@ -279,6 +320,8 @@ def _layer_report(name, layout, intermediate, facts, seconds) -> LayerReport:
         expert_load=[round(v, 6) for v in load],
         load_max_over_mean=max(load) / mean_load if mean_load else 0.0,
         reconstruction_error=rel_err,
+        energy_reproduced=1.0 - rel_err,
+        oracle_agreement=agreement,
         kmeans_iterations=groups.iterations,
         kmeans_converged=groups.converged,
         seconds=seconds,

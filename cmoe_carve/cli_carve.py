@@ -25,6 +25,11 @@ def carve_command(
     seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
     k_act: int = typer.Option(10, help="Neurons marked active per token when profiling (K_a)."),
     max_iter: int = typer.Option(10, help="Cap on balanced k-means passes per layer."),
+    router: str = typer.Option(
+        "fitted",
+        help="fitted (ridge regression of expert output norms on the FFN input) or "
+        "representative (CMoE's representative-neuron router).",
+    ),
     data_dir: Optional[str] = typer.Option(
         None,
         help="Local data directory laid out like wikitext-2-raw/, c4/ (else $CMOE_DATA_DIR).",
@@ -42,7 +47,7 @@ def carve_command(
     from .carve import CarveConfig
     from .pipeline import carve
 
-    config = CarveConfig(spec=spec, k_act=k_act, max_iter=max_iter)
+    config = CarveConfig(spec=spec, k_act=k_act, max_iter=max_iter, router=router)
     path = carve(
         model,
         out,

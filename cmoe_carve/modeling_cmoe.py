@@ -72,13 +72,14 @@ class CarvedRouter(nn.Module):
         self.act_fn = act_fn
         self.gate_weight = nn.Parameter(torch.empty(num_routed, hidden_size))  # [Nr, D]
         self.up_weight = nn.Parameter(torch.empty(num_routed, hidden_size))  # [Nr, D]
+        self.logit_bias = nn.Parameter(torch.zeros(num_routed))  # intercept of a fitted router
         self.scale = nn.Parameter(torch.zeros(num_routed))  # u [Nr]
         self.register_buffer("bias", torch.zeros(num_routed))  # b [Nr], selection only
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> unnormalised expert scores [T, Nr] in fp32."""
         if self.kind == "linear":
-            return (x @ self.gate_weight.t()).float()
+            return (x @ self.gate_weight.t()).float() + self.logit_bias.float()
         # Representative neurons: |act(g_R x) * (u_R x)| as in CMoE.
         return (self.act_fn(x @ self.gate_weight.t()) * (x @ self.up_weight.t())).abs().float()
 

@@ -1,0 +1,69 @@
+"""A router fitted to the calibration data in closed form (ridge regression).
+
+The oracle router picks, per token, the routed experts whose outputs have the largest norm. We
+fit a linear map from the FFN input to those norms, standardised per token (only their order
+within a token matters for top-k), by ridge regression: one [D, D] solve per layer, no
+backpropagation through the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Tokens per chunk when computing every routed expert's output: bounds the [chunk, Nr, D] fp32
+# buffer (2048 x 14 x 576 x 4 B = 66 MB for SmolLM2).
+_CHUNK = 2048
+
+
+@torch.no_grad()
+def expert_output_norms(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    """||E_e(x_t)|| for every token and expert: x [T, D], gate_up [E, 2m, D], down [E, D, m]
+    -> [T, E] fp32."""
+    m = down.shape[-1]
+    gu = gate_up.float()
+    dn = down.float()
+    out = []
+    for s in range(0, x.shape[0], _CHUNK):
+        xc = x[s : s + _CHUNK].float()  # [c, D]
+        proj = torch.einsum("cd,emd->cem", xc, gu)  # [c, E, 2m]
+        h = act_fn(proj[..., :m]) * proj[..., m:]  # [c, E, m]
+        y = torch.einsum("cem,edm->ced", h, dn)  # [c, E, D]
+        out.append(y.norm(dim=-1))
+    return torch.cat(out)
+
+
+def standardize_rows(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean, unit variance within each row (token)."""
+    centered = values - values.mean(-1, keepdim=True)
+    return centered / (centered.pow(2).mean(-1, keepdim=True).sqrt() + eps)
+
+
+@torch.no_grad()
+def fit_linear_router(
+    x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression of targets [T, E] on x [T, D]: returns W [E, D] and intercept [E] with
+    targets ~ x W^T + intercept. `ridge` is relative to the mean diagonal of the Gram matrix."""
+    x = x.double()
+    t = targets.double()
+    x_mean, t_mean = x.mean(0), t.mean(0)
+    xc, tc = x - x_mean, t - t_mean
+    gram = xc.t() @ xc  # [D, D]
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    gram.diagonal().add_(lam)
+    weight = torch.linalg.solve(gram, xc.t() @ tc).t()  # [E, D]
+    intercept = t_mean - weight @ x_mean
+    return weight.float(), intercept.float()
+
+
+def oracle_agreement(predicted: torch.Tensor, norms: torch.Tensor, k: int) -> float:
+    """Fraction of the oracle's top-k experts (by output norm) that the router also picks."""
+    pick = torch.topk(predicted, k, dim=-1).indices
+    best = torch.topk(norms, k, dim=-1).indices
+    hits = (pick[:, :, None] == best[:, None, :]).any(-1).float()
+    return hits.mean().item()
