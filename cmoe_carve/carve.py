@@ -20,13 +20,21 @@ from .errors import ModelError, SpecError
 from .grouping import group_neurons
 from .modeling_cmoe import CarvedMLP, find_gated_mlps, replace_module
 from .profiling import profile_layer
-from .router_fit import expert_output_norms, fit_linear_router, oracle_agreement, standardize_rows
+from .budget import allocate_budgets, balance_bias, error_by_active_experts
+from .router_fit import (
+    expert_output_norms,
+    expert_outputs,
+    fit_linear_router,
+    oracle_agreement,
+    standardize_rows,
+)
 from .progress import progress_bar
 from .spec import ExpertSpec, check_spec_fits, parse_spec
 
 log = logging.getLogger(__name__)
 
 ROUTERS = ("fitted", "representative")
+GROUPINGS = ("markers", "contribution")
 
 
 @dataclass
@@ -47,6 +55,24 @@ class CarveConfig:
         },
     )
     ridge: float = field(default=1e-3, metadata={"help": "ridge strength of the fitted router"})
+    balance: bool = field(
+        default=False,
+        metadata={"help": "calibrate the selection bias so expert loads are even on calibration"},
+    )
+    adaptive: bool = field(
+        default=False,
+        metadata={
+            "help": "layer-adaptive budgets: more active experts where the carve error is "
+            "largest, at the same average"
+        },
+    )
+    grouping: str = field(
+        default="markers",
+        metadata={
+            "help": "markers: CMoE's binary top-K_a markers and activation rates; contribution: "
+            "|h_i| * ||W_down[:, i]|| per token, shared experts by mean contribution"
+        },
+    )
 
     def __post_init__(self):
         self.layout: ExpertSpec = parse_spec(self.spec)
@@ -55,6 +81,10 @@ class CarveConfig:
             raise SpecError(f"--k-act must be at least 1, got {self.k_act}")
         if self.max_iter < 1:
             raise SpecError(f"--max-iter must be at least 1, got {self.max_iter}")
+        if self.grouping not in GROUPINGS:
+            raise SpecError(
+                f"unknown --grouping {self.grouping!r}: use one of {', '.join(GROUPINGS)}"
+            )
         if self.router not in ROUTERS:
             raise SpecError(f"unknown --router {self.router!r}: use one of {', '.join(ROUTERS)}")
 
@@ -212,6 +242,27 @@ def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float) -> None:
     router.logit_bias.copy_(intercept)
 
 
+# Held-out tokens for the per-layer error curves of adaptive budgets: every expert's output is
+# kept for them ([512, E, D] fp32 = 19 MB for SmolLM2).
+_BUDGET_TOKENS = 512
+
+
+@torch.no_grad()
+def _selection_scores(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(carved.router.logits(x), dim=-1)  # [T, Nr]
+
+
+@torch.no_grad()
+def _budget_cost(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, residual: torch.Tensor):
+    """Error of this layer's carved FFN for k = 0..Nr active routed experts, relative to the
+    energy of the residual stream it is added to -> [Nr + 1]."""
+    outs = expert_outputs(x, carved.gate_up_proj, carved.down_proj, carved.act_fn)  # [T, E, D]
+    s = carved.num_shared
+    order = _selection_scores(carved, x) + carved.router.bias.float()
+    err = error_by_active_experts(order, outs[:, s:], outs[:, :s].sum(1), dense(x).float())
+    return err / residual.double().pow(2).sum().clamp_min(1e-30)
+
+
 # Tokens used to measure each layer's reconstruction error: enough for a stable ratio, and a
 # dense FFN on 2,048 tokens costs SmolLM2 about 0.1 s per layer.
 _ERROR_TOKENS = 2048
@@ -241,20 +292,30 @@ def carve_model(
     del store
 
     reports: list[LayerReport] = []
+    layer_costs: list[torch.Tensor] = []
     with progress_bar(len(mlps), "carving layers", enabled=progress) as bar:
         for (name, mlp), layer, (args, kwargs) in zip(mlps, layers, layer_args):
             t0 = time.perf_counter()
             facts = {}
 
-            def carve_fn(dense, x, name=name, facts=facts):
+            residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
+
+            def carve_fn(dense, x, name=name, facts=facts, residual=residual):
+                by_contribution = config.grouping == "contribution"
+                down_norms = dense.down_proj.weight.float().norm(dim=0) if by_contribution else None
                 prof = profile_layer(
                     x, dense.gate_proj.weight, dense.up_proj.weight, dense.act_fn,
-                    config.k_act, config.cosine_scores,
+                    config.k_act, config.cosine_scores, down_norms,
                 )
+                if by_contribution:
+                    signals, importance = prof.contributions, prof.mean_abs
+                else:
+                    signals, importance = prof.markers, prof.rates
                 groups = group_neurons(
-                    prof.markers, prof.rates, layout.num_shared, layout.num_experts,
-                    config.max_iter,
+                    signals, importance, layout.num_shared, layout.num_experts,
+                    config.max_iter, normalize=by_contribution,
                 )
+                prof.contributions = None  # [N, d_h]: free it before the next layer
                 carved = build_carved_mlp(
                     dense, groups, layout.num_shared, layout.top_k, act_name,
                     config.cosine_scores,
@@ -264,6 +325,14 @@ def carve_model(
                     fit = torch.ones(x.shape[0], dtype=torch.bool)
                     fit[rows] = False  # measured on tokens the fit did not see
                     _fit_router(carved, x[fit.to(x.device)], config.ridge)
+                if config.balance:
+                    sample = x[:: max(1, x.shape[0] // 4096)]
+                    carved.router.bias.copy_(
+                        balance_bias(_selection_scores(carved, sample), carved.top_k)
+                    )
+                if config.adaptive:
+                    few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
+                    facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])
                 facts.update(prof=prof, groups=groups, stats=_routing_stats(carved, dense, x, rows))
                 return carved
 
@@ -280,8 +349,19 @@ def carve_model(
                 replace_module(model, name, mlp)
                 raise ModelError(f"{name} was not called by its decoder layer; cannot carve it")
             replace_module(model, name, stand_in.carved)
+            if config.adaptive:
+                layer_costs.append(facts["cost"])
             reports.append(_layer_report(name, layout, intermediate, facts, time.perf_counter() - t0))
             bar.advance()
+
+    if config.adaptive:
+        ks = allocate_budgets(
+            layer_costs, layout.top_k, k_min=1, k_max=min(layout.num_routed, 2 * layout.top_k)
+        )
+        for (name, _), k, report in zip(mlps, ks, reports):
+            model.get_submodule(name).router.top_k = k
+            report.top_k = k
+        log.info("adaptive budgets (active routed experts per layer): %s", ks)
 
     cmoe = {
         **config.to_dict(),

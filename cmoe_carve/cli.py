@@ -39,10 +39,12 @@ def user_errors(fn: Callable) -> Callable:
 
 def _register() -> None:
     # Each command lives in its own module; importing them here keeps `cmoe --help` complete.
-    from . import cli_carve, cli_eval
+    from . import cli_bench, cli_carve, cli_eval, cli_finetune
 
     app.command("carve")(user_errors(cli_carve.carve_command))
     app.command("eval")(user_errors(cli_eval.eval_command))
+    app.command("bench")(user_errors(cli_bench.bench_command))
+    app.command("finetune")(user_errors(cli_finetune.finetune_command))
 
 
 _register()

@@ -30,6 +30,11 @@ def carve_command(
         help="fitted (ridge regression of expert output norms on the FFN input) or "
         "representative (CMoE's representative-neuron router).",
     ),
+    grouping: str = typer.Option(
+        "markers",
+        help="markers (CMoE: binary top-K_a markers, shared by activation rate) or contribution "
+        "(|h| * ||down column|| per token, shared by mean contribution).",
+    ),
     data_dir: Optional[str] = typer.Option(
         None,
         help="Local data directory laid out like wikitext-2-raw/, c4/ (else $CMOE_DATA_DIR).",
@@ -47,7 +52,9 @@ def carve_command(
     from .carve import CarveConfig
     from .pipeline import carve
 
-    config = CarveConfig(spec=spec, k_act=k_act, max_iter=max_iter, router=router)
+    config = CarveConfig(
+        spec=spec, k_act=k_act, max_iter=max_iter, router=router, grouping=grouping
+    )
     path = carve(
         model,
         out,

@@ -115,32 +115,39 @@ class ExpertLayout:
 
 
 def group_neurons(
-    markers: torch.Tensor,
-    rates: torch.Tensor,
+    signals: torch.Tensor,
+    importance: torch.Tensor,
     num_shared: int,
     num_experts: int,
     max_iter: int = 10,
+    normalize: bool = False,
 ) -> ExpertLayout:
-    """The CMoE grouping of d_h neurons (markers [N, d_h], rates [d_h]) into E experts.
+    """Group d_h neurons into E experts: the most important form the shared experts, the rest
+    are clustered by their per-token signals (CMoE: binary markers [N, d_h] and activation
+    rates [d_h]; or contributions and mean contributions). With `normalize`, each neuron's
+    signal column is scaled to unit norm, so neurons cluster by when they fire, not how much.
 
     When d_h does not divide by E, zero neurons (ids d_h, d_h+1, ...) pad the FFN: they never
     fire, so they join routed experts without changing any output.
     """
-    d_h = rates.numel()
+    d_h = importance.numel()
     m = -(-d_h // num_experts)  # ceil
     pad = m * num_experts - d_h
-    shared = select_shared(rates, num_shared * m)
+    shared = select_shared(importance, num_shared * m)
     is_shared = torch.zeros(d_h + pad, dtype=torch.bool)
     is_shared[shared] = True
     routed = torch.nonzero(~is_shared).squeeze(1)  # [Nr*m] neuron ids, padding included
     real = routed < d_h
-    columns = markers.t().contiguous()  # [d_h, N]: one row of markers per neuron
-    features = torch.zeros(routed.numel(), markers.shape[0])
-    features[real] = columns[routed[real]].float()  # [Nr*m, N]
+    columns = signals.t().float()  # [d_h, N]: one row of signals per neuron
+    if normalize:
+        columns = torch.nn.functional.normalize(columns, dim=1)
+    features = torch.zeros(routed.numel(), signals.shape[0])
+    features[real] = columns[routed[real]]  # [Nr*m, N]
+    del columns
     num_routed = num_experts - num_shared
-    padded_rates = torch.cat([rates, torch.full((pad,), -1.0)])
-    # Initial centroids: the highest-rate routed neurons, as in CMoE.
-    init = torch.sort(padded_rates[routed], descending=True, stable=True).indices[:num_routed]
+    padded = torch.cat([importance.float(), torch.full((pad,), -1.0)])
+    # Initial centroids: the most important routed neurons, as in CMoE.
+    init = torch.sort(padded[routed], descending=True, stable=True).indices[:num_routed]
     clustering = balanced_kmeans(features, init, max_iter)
     reps = routed[representatives(features, clustering, eligible=real)]
     groups = [shared.view(num_shared, m)] if num_shared else []

@@ -44,19 +44,39 @@ class LayerProfile:
     markers: torch.Tensor  # [N, d_h] bool: neuron i among the token's top-K_a
     rates: torch.Tensor  # [d_h] fp32: activation rate mu_i, the fraction of tokens marking i
     mean_abs: torch.Tensor  # [d_h] fp32: mean |h_i| over tokens (magnitude statistic)
+    # [N, d_h] fp16 |h_i| * ||W_down[:, i]||: each neuron's real contribution per token, kept
+    # only when asked for (contribution grouping)
+    contributions: torch.Tensor | None = None
 
 
 def profile_layer(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act_fn, k_act: int, cosine: bool
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    act_fn,
+    k_act: int,
+    cosine: bool,
+    down_norms: torch.Tensor | None = None,
 ) -> LayerProfile:
-    """Profile one FFN on its calibration inputs x [N, D], chunked over tokens."""
+    """Profile one FFN on its calibration inputs x [N, D], chunked over tokens.
+
+    With `down_norms` ([d_h], ||W_down[:, i]||), neurons are scored by their contribution
+    |h_i| * ||W_down[:, i]|| (raw, not cosine, scores) and the contributions are kept.
+    """
     if k_act < 1 or k_act > w_gate.shape[0]:
         raise ValueError(f"k_act must be in [1, {w_gate.shape[0]}], got {k_act}")
-    markers, abs_sum = [], torch.zeros(w_gate.shape[0], dtype=torch.float64)
+    markers, contributions = [], []
+    abs_sum = torch.zeros(w_gate.shape[0], dtype=torch.float64)
     for start in range(0, x.shape[0], _CHUNK):
-        h = neuron_scores(x[start : start + _CHUNK], w_gate, w_up, act_fn, cosine)
+        xc = x[start : start + _CHUNK]
+        if down_norms is None:
+            h = neuron_scores(xc, w_gate, w_up, act_fn, cosine)
+        else:
+            h = neuron_scores(xc, w_gate, w_up, act_fn, cosine=False).abs_() * down_norms.float()
+            contributions.append(h.half().cpu())
         markers.append(activation_markers(h, k_act))
         abs_sum += h.abs().sum(0, dtype=torch.float64).cpu()
     marks = torch.cat(markers).cpu()
     rates = marks.float().mean(0)
-    return LayerProfile(marks, rates, (abs_sum / x.shape[0]).float())
+    contrib = torch.cat(contributions) if contributions else None
+    return LayerProfile(marks, rates, (abs_sum / x.shape[0]).float(), contrib)

@@ -16,25 +16,24 @@ _CHUNK = 2048
 
 
 @torch.no_grad()
-def expert_output_norms(
-    x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    act_fn,
-) -> torch.Tensor:
-    """||E_e(x_t)|| for every token and expert: x [T, D], gate_up [E, 2m, D], down [E, D, m]
-    -> [T, E] fp32."""
+def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    """Every expert's output E_e(x_t), gate 1: x [c, D], gate_up [E, 2m, D], down [E, D, m]
+    -> [c, E, D] fp32."""
     m = down.shape[-1]
-    gu = gate_up.float()
-    dn = down.float()
-    out = []
-    for s in range(0, x.shape[0], _CHUNK):
-        xc = x[s : s + _CHUNK].float()  # [c, D]
-        proj = torch.einsum("cd,emd->cem", xc, gu)  # [c, E, 2m]
-        h = act_fn(proj[..., :m]) * proj[..., m:]  # [c, E, m]
-        y = torch.einsum("cem,edm->ced", h, dn)  # [c, E, D]
-        out.append(y.norm(dim=-1))
-    return torch.cat(out)
+    proj = torch.einsum("cd,emd->cem", x.float(), gate_up.float())  # [c, E, 2m]
+    h = act_fn(proj[..., :m]) * proj[..., m:]  # [c, E, m]
+    return torch.einsum("cem,edm->ced", h, down.float())  # [c, E, D]
+
+
+@torch.no_grad()
+def expert_output_norms(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    """||E_e(x_t)|| for every token and expert -> [T, E] fp32, chunked over tokens."""
+    return torch.cat(
+        [
+            expert_outputs(x[s : s + _CHUNK], gate_up, down, act_fn).norm(dim=-1)
+            for s in range(0, x.shape[0], _CHUNK)
+        ]
+    )
 
 
 def standardize_rows(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
