@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import inspect
 import logging
@@ -36,9 +37,9 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -89,12 +90,16 @@ class BenchConfig:
         if any(b < 1 for b in self.decode_batches):
             raise BenchError(f"--batch must be positive batch sizes, got {self.decode_batches}")
         if self.new_tokens < 2:
-            raise BenchError(f"--new-tokens must be at least 2 (one decode step), got {self.new_tokens}")
+            raise BenchError(
+                f"--new-tokens must be at least 2 (one decode step), got {self.new_tokens}"
+            )
         if self.prompt_tokens < 2:
             # A one-token prompt would make the prefill look like a decode step to the FFN hooks.
             raise BenchError(f"--prompt-tokens must be at least 2, got {self.prompt_tokens}")
         if self.repeats < 1 or self.warmup < 0:
-            raise BenchError(f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats}, {self.warmup}")
+            raise BenchError(
+                f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats}, {self.warmup}"
+            )
         if self.threads is not None and self.threads < 1:
             raise BenchError(f"--threads must be at least 1, got {self.threads}")
 
@@ -179,7 +184,8 @@ def _per_expert_loop_forward(self: nn.Module, hidden_states: torch.Tensor) -> to
 
 @contextlib.contextmanager
 def per_expert_loop_installed(model: nn.Module) -> Iterator[nn.Module]:
-    """The carved model with every CarvedMLP running the official per-expert loop; restored after."""
+    """The carved model with every CarvedMLP running the official per-expert loop, restored
+    after."""
     carved = [m for m in model.modules() if is_carved_mlp(m)]
     if not carved:
         raise BenchError("the per-expert loop baseline needs a carved model")
@@ -239,8 +245,14 @@ class FfnTimer:
     Cost: two Python hooks per FFN call, a few microseconds against a millisecond-scale token.
     """
 
-    def __init__(self, modules: list[nn.Module], device: torch.device):
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        device: torch.device,
+        counts: Callable[[tuple, dict], bool] | None = None,
+    ):
         self.modules, self.device = modules, device
+        self.counts = counts or self._is_decode  # which calls to time, from their inputs
         self.seconds, self.calls = 0.0, 0
         self._handles: list = []
         self._start: float | torch.cuda.Event | None = None
@@ -251,8 +263,13 @@ class FfnTimer:
         x = args[0] if args else next(iter(kwargs.values()), None)
         return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-2] == 1
 
+    @property
+    def in_call(self) -> bool:
+        """Whether a timed call is running now (for nested timers)."""
+        return self._start is not None
+
     def _pre(self, module, args, kwargs) -> None:
-        if not self._is_decode(args, kwargs):
+        if not self.counts(args, kwargs):
             self._start = None
         elif self.device.type == "cuda":
             self._start = torch.cuda.Event(enable_timing=True)
@@ -406,6 +423,8 @@ class DecodeSample:
     batch: int
     ffn_s: float | None  # FFN time of all decode steps, all layers (hooked runs only)
     ffn_calls: int
+    router_s: float | None  # the carved FFNs' routers' share of ffn_s
+    router_calls: int
     peak_bytes: int | None
 
 
@@ -446,14 +465,18 @@ def decode_once(
     new_tokens: int,
     ffn: list[nn.Module] | None = None,
 ) -> DecodeSample:
-    """Greedy generate() of exactly `new_tokens` after `ids` [B, P]; with `ffn`, the FFN time."""
+    """Greedy generate() of exactly `new_tokens` after `ids` [B, P]; with `ffn`, the time of
+    those modules, and of the routers of the carved ones, in the decode steps."""
     from transformers import StoppingCriteriaList
 
     device = ids.device
     clock = _token_clock(device)
-    timer = FfnTimer(ffn, device) if ffn else contextlib.nullcontext()
+    routers = [m.router for m in ffn or [] if is_carved_mlp(m)]
+    timer = FfnTimer(ffn or [], device)
+    # A router sees the FFN input flattened to [B*S, D]: time it inside timed FFN calls.
+    router_timer = FfnTimer(routers, device, counts=lambda args, kwargs: timer.in_call)
     config = _generation_config(model, new_tokens)
-    with torch.inference_mode(), PeakMemory(device) as memory, timer, _gc_paused():
+    with torch.inference_mode(), PeakMemory(device) as memory, timer, router_timer, _gc_paused():
         _sync(device)
         start = time.perf_counter()
         out = model.generate(
@@ -471,7 +494,9 @@ def decode_once(
         steps=new_tokens - 1,
         batch=ids.shape[0],
         ffn_s=timer.seconds if ffn else None,
-        ffn_calls=timer.calls if ffn else 0,
+        ffn_calls=timer.calls,
+        router_s=router_timer.seconds if routers else None,
+        router_calls=router_timer.calls,
         peak_bytes=memory.bytes,
     )
 
@@ -485,6 +510,8 @@ METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
     "decode_tokens_per_s": ("decode, batch {b}", "tok/s", True),
     "ttft_ms": ("time to first token, batch {b}, {p}-token prompt", "ms", False),
     "ffn_us_per_layer": ("FFN per layer per decode step, batch {b}", "us", False),
+    "router_us_per_layer": ("router per layer per decode step (part of FFN), batch {b}", "us",
+                            False),
     "ffn_gb_per_s": ("FFN weight bytes read / FFN time, batch {b}", "GB/s", True),
     "ffn_share_pct": ("FFN share of decode time, batch {b}", "%", False),
     "rest_ms_per_step": ("rest of the model per decode step, batch {b}", "ms", False),
@@ -590,7 +617,8 @@ def ffn_bytes_per_token(module: nn.Module) -> float:
         )
         router = sum(_tensor_bytes(p) for p in module.router.parameters())
         return (module.num_shared + module.top_k) * per_expert + router
-    return sum(_tensor_bytes(getattr(module, p).weight) for p in ("gate_proj", "up_proj", "down_proj"))
+    projections = ("gate_proj", "up_proj", "down_proj")
+    return sum(_tensor_bytes(getattr(module, p).weight) for p in projections)
 
 
 def model_info(bench_model: BenchModel) -> dict:
@@ -615,9 +643,8 @@ def machine_info(device: torch.device) -> dict:
     import transformers
 
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as info:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,
@@ -684,6 +711,10 @@ def _record_decode(metrics, group: _Group, variant: _Variant, sample: DecodeSamp
     if sample.ffn_s is not None and sample.ffn_calls:
         per_layer = sample.ffn_s / sample.ffn_calls  # seconds per FFN call = per layer per step
         _metric(metrics, "ffn_us_per_layer", suffix, **names).add(label, per_layer * 1e6)
+        if sample.router_s is not None and sample.router_calls:
+            _metric(metrics, "router_us_per_layer", suffix, **names).add(
+                label, sample.router_s / sample.router_calls * 1e6
+            )
         if b == 1:  # with more tokens the experts they share are read once: bytes unknown
             _metric(metrics, "ffn_gb_per_s", suffix, **names).add(
                 label, variant.ffn_bytes / per_layer / 1e9
@@ -707,8 +738,10 @@ def _record_prefill(metrics, group: _Group, variant: _Variant, sample: PrefillSa
 
 def _loop_baseline_available(model: nn.Module) -> bool:
     try:
-        from cmoe_kernels import per_expert_loop  # noqa: F401
+        import cmoe_kernels
     except ImportError:
+        cmoe_kernels = None
+    if not hasattr(cmoe_kernels, "per_expert_loop"):
         log.warning("cmoe_kernels has no per_expert_loop: the loop baseline is skipped")
         return False
     carved = [m for m in model.modules() if is_carved_mlp(m)]
@@ -731,10 +764,10 @@ def _groups(models: list[BenchModel], config: BenchConfig, device: torch.device)
         ffn = ffn_modules(m.model)
         nbytes = statistics.mean(ffn_bytes_per_token(f) for f in ffn)
         variants.append(_Variant(m.label, m.model, contextlib.nullcontext, nbytes))
-    carved = next((v for v in variants if any(is_carved_mlp(f) for f in ffn_modules(v.model))), None)
+    carved = next((v for v in variants if carved_ffn_backend(v.model) is not None), None)
     loop = None
     if config.loop_baseline and carved is not None and _loop_baseline_available(carved.model):
-        patch = lambda model=carved.model: per_expert_loop_installed(model)  # noqa: E731
+        patch = functools.partial(per_expert_loop_installed, carved.model)
         loop = _Variant(LOOP_LABEL, carved.model, patch, carved.ffn_bytes)
     groups = []
     timed_batch = min(config.decode_batches, default=None)

@@ -44,6 +44,10 @@ class CarveConfig:
     spec: str = field(default="S2A2E16", metadata={"help": "experts: S<shared>A<active>E<total>"})
     k_act: int = field(default=10, metadata={"help": "neurons marked active per token (K_a)"})
     max_iter: int = field(default=10, metadata={"help": "cap on balanced k-means passes"})
+    warm_steps: int = field(
+        default=5,
+        metadata={"help": "unbalanced k-means passes before the balanced ones (fewer LSA solves)"},
+    )
     cosine_scores: bool = field(
         default=True, metadata={"help": "profile with unit-norm inputs and weight rows"}
     )
@@ -242,6 +246,10 @@ def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float) -> None:
     router.logit_bias.copy_(intercept)
 
 
+# Tokens the router is fitted on (evenly spaced): a D x D ridge problem (576 for SmolLM2) is
+# well determined by 8,192 samples, and every routed expert's output must be computed for each.
+_FIT_TOKENS = 8192
+
 # Held-out tokens for the per-layer error curves of adaptive budgets: every expert's output is
 # kept for them ([512, E, D] fp32 = 19 MB for SmolLM2).
 _BUDGET_TOKENS = 512
@@ -313,7 +321,7 @@ def carve_model(
                     signals, importance = prof.markers, prof.rates
                 groups = group_neurons(
                     signals, importance, layout.num_shared, layout.num_experts,
-                    config.max_iter, normalize=by_contribution,
+                    config.max_iter, normalize=by_contribution, warm_steps=config.warm_steps,
                 )
                 prof.contributions = None  # [N, d_h]: free it before the next layer
                 carved = build_carved_mlp(
@@ -324,7 +332,9 @@ def carve_model(
                 if config.router == "fitted":
                     fit = torch.ones(x.shape[0], dtype=torch.bool)
                     fit[rows] = False  # measured on tokens the fit did not see
-                    _fit_router(carved, x[fit.to(x.device)], config.ridge)
+                    fit_rows = torch.nonzero(fit).squeeze(1)
+                    fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
+                    _fit_router(carved, x[fit_rows.to(x.device)], config.ridge)
                 if config.balance:
                     sample = x[:: max(1, x.shape[0] // 4096)]
                     carved.router.bias.copy_(

@@ -21,7 +21,9 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise CmoeError(f"{option} takes comma-separated integers like 1,16,128, got {text!r}") from None
+        raise CmoeError(
+            f"{option} takes comma-separated integers like 1,16,128, got {text!r}"
+        ) from None
 
 
 def bench_command(
@@ -63,7 +65,9 @@ def bench_command(
         help="Also decode the carved model with the official CMoE per-expert loop.",
     ),
     json_out: Optional[Path] = typer.Option(
-        None, "--json", help="Also write every sample and median as JSON to this file ('-': stdout)."
+        None,
+        "--json",
+        help="Also write every sample and median as JSON to this file ('-': stdout).",
     ),
     profile: Optional[Path] = typer.Option(
         None,
@@ -101,7 +105,8 @@ def bench_command(
             json_out.write_text(text + "\n", encoding="utf-8")
             console.print(f"results written to {json_out}")
     if profile is not None:
-        _write_profiles(profile, models, config, loop_baseline and bench.LOOP_LABEL in report.labels)
+        with_loop = bench.LOOP_LABEL in report.labels
+        _write_profiles(profile, models, config, with_loop)
         console.print(f"profiles written to {profile}")
 
 
@@ -140,7 +145,9 @@ def main_table(report: bench.BenchReport) -> Table:
     return table
 
 
-LOOP_ROWS = ("ffn_us_per_layer", "decode_tokens_per_s", "ffn_share_pct", "ttft_ms")
+LOOP_ROWS = (
+    "ffn_us_per_layer", "router_us_per_layer", "decode_tokens_per_s", "ffn_share_pct", "ttft_ms"
+)
 
 
 def loop_table(report: bench.BenchReport) -> Table:
@@ -152,9 +159,10 @@ def loop_table(report: bench.BenchReport) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    for name, justify in [("metric", "left"), ("unit", "left"), ("ours", "right"),
-                          ("per-expert loop", "right"), ("ours faster by", "right")]:
-        table.add_column(name, justify=justify, no_wrap=name != "metric", overflow="fold")
+    table.add_column("metric", overflow="fold")
+    table.add_column("unit", no_wrap=True)
+    for name in ("ours", "per-expert loop", "ours faster by"):
+        table.add_column(name, justify="right", no_wrap=True)
     for metric in report.metrics.values():
         if metric.key.split(".")[0] not in LOOP_ROWS or bench.LOOP_LABEL not in metric.samples:
             continue
@@ -172,20 +180,28 @@ def conditions(report: bench.BenchReport) -> str:
     m, c = report.machine, report.config
     start, end = m.get("load_average_start"), m.get("load_average_end")
     lines = [
-        f"{m['device']} ({m['gpu'] or m['cpu']}), {m['usable_cpus']} usable CPUs, "
-        f"{m['torch_threads']} torch threads; torch {m['torch']}, transformers "
-        f"{m['transformers']}; {c.repeats} repetitions after {c.warmup} warm-up, medians; "
-        f"decode: {c.prompt_tokens}-token prompt + {c.new_tokens} new tokens; "
-        f"{report.seconds:.0f} s in all",
+        (
+            f"{m['device']} ({m['gpu'] or m['cpu']}), {m['usable_cpus']} usable CPUs, "
+            f"{m['torch_threads']} torch threads; torch {m['torch']}, transformers "
+            f"{m['transformers']}; {c.repeats} repetitions after {c.warmup} warm-up, medians; "
+            f"decode: {c.prompt_tokens}-token prompt + {c.new_tokens} new tokens; "
+            f"{report.seconds:.0f} s in all"
+        ),
     ]
     if start and end:
         lines.append(f"load average (1 min) {start[0]:.2f} at start, {end[0]:.2f} at end")
-        busy = max(start[0], end[0]) - 0.5 > m["usable_cpus"] - m["torch_threads"]
+        # The load average counts our own threads too; what is left is other processes'.
+        others = max(start[0], end[0]) - m["torch_threads"]
+        busy = others > max(m["usable_cpus"] - m["torch_threads"], 0) + 0.5
         if m["device"] == "cpu" and busy:
             lines.append(
                 "warning: other processes were using the CPUs the benchmark needs: timings are "
                 "noisy; measure on a quiet machine for figures to publish"
             )
+            if m["torch_threads"] > 1:
+                # Measured here: 2 threads with 4 other busy processes on 2 cores decoded
+                # SmolLM2 at 0.5 tok/s (every op waits on a descheduled thread), 1 thread at 11.
+                lines.append("on a busy machine, --threads 1 avoids threads waiting on each other")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -232,7 +233,9 @@ def wrap_lora(model: nn.Module, cmoe: dict, config: FinetuneConfig) -> nn.Module
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return get_peft_model(model, lora)
     except ValueError as err:  # peft's "not found" errors, e.g. a family with other names
         raise FinetuneError(
             f"cannot place LoRA adapters on {', '.join(modules)} and the experts' "
@@ -502,6 +505,7 @@ def finetune(
     rank, bs = accelerator.process_index, config.batch_size
     tokens_per_micro = bs * accelerator.num_processes * config.seqlen
     run_start, run_tokens = time.perf_counter(), 0
+    log_every = max(1, len(plan) // 20)  # without a progress bar, about 20 log lines
     model.train()
     with RoutingRecorder(mlps) as recorder, progress_bar(
         len(plan), "finetuning", enabled=progress and main
@@ -539,9 +543,12 @@ def finetune(
             history["load"].append(round(balance.mean().item(), 4))
             history["seconds"] += time.perf_counter() - step_start
             tok_s = run_tokens / (time.perf_counter() - run_start)
-            bar.advance(info=f"loss {loss_mean:.3f} | {tok_s:,.0f} tok/s | "
-                             f"load max/mean {balance.mean().item():.2f}")
+            info = (f"loss {loss_mean:.3f} | {tok_s:,.0f} tok/s | "
+                    f"load max/mean {balance.mean().item():.2f}")
+            bar.advance(info=info)
             done = step + 1
+            if main and not progress and (done % log_every == 0 or done == len(plan)):
+                log.info("step %d/%d: %s", done, len(plan), info)
             if config.save_every and done % config.save_every == 0 and done < len(plan):
                 accelerator.wait_for_everyone()
                 if main:
@@ -589,7 +596,7 @@ def _merged(model: nn.Module) -> nn.Module:
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if getattr(model, "is_activation_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
     return model.eval()

@@ -66,17 +66,32 @@ def cluster_means(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch
     return sums / torch.bincount(labels, minlength=k).clamp_min(1)[:, None].float()
 
 
+def lloyd_centroids(
+    features: torch.Tensor, centroids: torch.Tensor, norms: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """A few passes of plain (unbalanced) k-means: cheap matmuls that move the centroids close
+    to their final place, so that fewer exact balanced assignments are needed."""
+    k = centroids.shape[0]
+    for _ in range(steps):
+        labels = squared_distances(features, centroids, norms).argmin(1)
+        empty = torch.bincount(labels, minlength=k) == 0
+        new = cluster_means(features, labels, k)
+        centroids = torch.where(empty[:, None], centroids, new)  # an empty cluster keeps its seed
+    return centroids
+
+
 def balanced_kmeans(
-    features: torch.Tensor, init: torch.Tensor, max_iter: int = 10
+    features: torch.Tensor, init: torch.Tensor, max_iter: int = 10, warm_steps: int = 0
 ) -> Clustering:
     """Balanced k-means from initial centroid items `init` [k] (indices into features [n, F]).
 
-    Iterates assignment and mean update until no label changes, or `max_iter` passes.
+    Optionally `warm_steps` unbalanced passes first; then iterates the exact balanced assignment
+    and mean update until no label changes, or `max_iter` balanced passes.
     """
     k = init.numel()
     features = features.float()
     norms = features.pow(2).sum(1)
-    centroids = features[init]
+    centroids = lloyd_centroids(features, features[init], norms, warm_steps)
     labels = None
     for iteration in range(1, max_iter + 1):
         new = balanced_assign(squared_distances(features, centroids, norms))
@@ -121,6 +136,7 @@ def group_neurons(
     num_experts: int,
     max_iter: int = 10,
     normalize: bool = False,
+    warm_steps: int = 0,
 ) -> ExpertLayout:
     """Group d_h neurons into E experts: the most important form the shared experts, the rest
     are clustered by their per-token signals (CMoE: binary markers [N, d_h] and activation
@@ -148,7 +164,7 @@ def group_neurons(
     padded = torch.cat([importance.float(), torch.full((pad,), -1.0)])
     # Initial centroids: the most important routed neurons, as in CMoE.
     init = torch.sort(padded[routed], descending=True, stable=True).indices[:num_routed]
-    clustering = balanced_kmeans(features, init, max_iter)
+    clustering = balanced_kmeans(features, init, max_iter, warm_steps)
     reps = routed[representatives(features, clustering, eligible=real)]
     groups = [shared.view(num_shared, m)] if num_shared else []
     routed_groups = torch.stack(

@@ -166,7 +166,8 @@ def load_model(
         from .checkpoint import load_carved
 
         model = load_carved(path, dtype=dtype, device=device, device_map=device_map)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The config's auto_map names our modeling code, not a tokenizer: never ask about it.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         return LoadedModel(model, tokenizer, f"carved checkpoint {path}", ref or path, True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -16,17 +16,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cmoe_carve.bench import BenchConfig, LOOP_LABEL, bench
+from cmoe_carve.bench import LOOP_LABEL, BenchConfig, bench
 from cmoe_carve.carve import CarveConfig
 from cmoe_carve.cli_bench import conditions, loop_table, main_table
 from cmoe_carve.loading import is_carved_dir
 from cmoe_carve.pipeline import carve
 
+log = logging.getLogger("carve_and_bench")
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="carved checkpoint directory")
-    parser.add_argument("--spec", default="S2A2E16", help="expert layout S<shared>A<active>E<total>")
+    parser.add_argument("--spec", default="S2A2E16", help="experts: S<shared>A<active>E<total>")
     parser.add_argument("--calib-samples", type=int, default=8, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     parser.add_argument("--data-dir", default=None, help="local wikitext-2-raw/ and c4/ directory")
@@ -52,14 +54,14 @@ def main() -> None:
             overwrite=args.overwrite,
         )
     else:
-        logging.info("reusing the carved checkpoint in %s", args.out)
+        log.info("reusing the carved checkpoint in %s", args.out)
     config = BenchConfig(new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
     report = bench(str(args.out), "default", config=config)
     console = Console()
     console.print(main_table(report))
     if LOOP_LABEL in report.labels:
         console.print(loop_table(report))
-    console.print(conditions(report), markup=False, highlight=False)
+    console.print(conditions(report), soft_wrap=True, markup=False, highlight=False)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_record(), indent=2, sort_keys=True) + "\n")
 

@@ -26,7 +26,7 @@ def carved_ffn_reference(
     A Python loop over tokens and over their experts. Matmuls run in x.dtype, the sum over experts
     in fp32, like the fast paths. Differentiable, so tests compare gradients against it too.
     """
-    T, D, E, m, K = check_inputs(x, gate_up, down, ids, gates)
+    T, D, _, m, K = check_inputs(x, gate_up, down, ids, gates)
     act = torch_activation(activation)
     rows = []
     for t in range(T):
@@ -53,7 +53,7 @@ def per_expert_loop(
     `for e in experts: idx = where(ids == e); y[idx] += gate * expert(x[idx])`. It visits all E
     experts even when a token uses K of them, and each `where` is a full pass over ids.
     """
-    T, D, E, m, K = check_inputs(x, gate_up, down, ids, gates)
+    T, D, E, m, _ = check_inputs(x, gate_up, down, ids, gates)
     act = torch_activation(activation)
     y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
     for e in range(E):

@@ -19,7 +19,8 @@ down and gates. Threading is PyTorch's own (`torch.set_num_threads`); nothing he
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,6 @@ def _expert_views(weight: torch.Tensor) -> Sequence[torch.Tensor] | torch.Tensor
 
 def _decode(x, gate_up, down, ids, gates, act) -> torch.Tensor:
     """Loop over the T*K chosen (token, expert) pairs; each reads only its expert's rows."""
-    T, K = ids.shape
     m = down.shape[-1]
     gu, dn = _expert_views(gate_up), _expert_views(down)
     rows = []
@@ -95,7 +95,7 @@ def carved_ffn_torch(
     `path` forces a strategy ("decode" or "prefill"); "auto" takes decode up to
     DECODE_MAX_PAIRS (token, expert) pairs, i.e. one token, and prefill above.
     """
-    T, D, E, m, K = check_inputs(x, gate_up, down, ids, gates)
+    T, D, _, _, K = check_inputs(x, gate_up, down, ids, gates)
     act = torch_activation(activation)
     if T == 0:
         return x.new_zeros(0, D)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, check_inputs
+from ._common import check_inputs, torch_activation
 from .torch_path import carved_ffn_torch
 
 # Decode (gather-GEMV) up to this many tokens, prefill (grouped GEMM) above. Untuned (no GPU
@@ -99,7 +99,7 @@ def _decode_down_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k in range(0, K):
+    for k in range(K):
         pair = token * K + k
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         w = down_ptr + expert * D * m + offs_d[:, None] * m  # [BLOCK_D, 1] row starts
@@ -225,7 +225,7 @@ def carved_ffn_decode(
 ) -> torch.Tensor:
     """Launch the gather-GEMV pair: gate/up GEMV with the activation fused, then down in fp32."""
     T, D = x.shape
-    E, m, K = down.shape[0], down.shape[2], ids.shape[1]
+    m, K = down.shape[2], ids.shape[1]
     h = torch.empty(T * K, m, dtype=torch.float32, device=x.device)  # gated, fp32
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     block_m, block_d = (16, 32) if _INTERPRETED else (16, 256)
@@ -320,9 +320,8 @@ def carved_ffn_triton(
     `path` forces "decode" (gather-GEMV) or "prefill" (grouped GEMM); "auto" takes decode up to
     DECODE_MAX_TOKENS tokens.
     """
-    T, D, E, m, K = check_inputs(x, gate_up, down, ids, gates)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    T, D, *_ = check_inputs(x, gate_up, down, ids, gates)
+    torch_activation(activation)  # ValueError naming the choices for an unknown activation
     if path == "auto":
         path = "decode" if T <= DECODE_MAX_TOKENS else "prefill"
     if path not in ("decode", "prefill"):

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_models import COMMON, calib_ids, tiny_model
 from typer.testing import CliRunner
 
 from cmoe_carve import bench
@@ -19,18 +20,17 @@ from cmoe_carve.bench import BenchConfig, BenchError, BenchModel
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.checkpoint import save_carved
 from cmoe_carve.cli import app
-from tiny_models import COMMON, calib_ids, tiny_model
 
 # Small runs: 1 thread (the CI machine has 2 cores, shared), 3 new tokens, 1 repetition.
-FAST = dict(
-    prefill_tokens=(1, 8),  # 1: a lone token with an empty cache; 8: a short prompt
-    decode_batches=(1, 2),  # batch 1 gets the FFN hooks and the loop baseline, batch 2 not
-    prompt_tokens=6,
-    new_tokens=3,
-    repeats=2,
-    warmup=1,
-    threads=1,
-)
+FAST = {
+    "prefill_tokens": (1, 8),  # 1: a lone token with an empty cache; 8: a short prompt
+    "decode_batches": (1, 2),  # batch 1 gets the FFN hooks and the loop baseline, batch 2 not
+    "prompt_tokens": 6,
+    "new_tokens": 3,
+    "repeats": 2,
+    "warmup": 1,
+    "threads": 1,
+}
 
 
 def carved_and_dense(family: str = "llama"):
@@ -66,6 +66,10 @@ def test_every_metric_has_one_sample_per_repeat_for_both_models(report):
             assert len(metric.samples[label]) == FAST["repeats"], (key, label)
             assert metric.median(label) > 0
         assert metric.ratio("carved", "dense") > 0
+    # Only carved FFNs have a router, timed inside the FFN time.
+    router = report.metrics["router_us_per_layer.b1"]
+    assert set(router.samples) == {"carved", bench.LOOP_LABEL}
+    assert router.median("carved") < report.metrics["ffn_us_per_layer.b1"].median("carved")
     # The per-expert loop runs only where the FFN is timed: batch-1 decode.
     assert bench.LOOP_LABEL in report.metrics["ffn_us_per_layer.b1"].samples
     assert bench.LOOP_LABEL not in report.metrics["decode_tokens_per_s.b2"].samples
@@ -82,12 +86,14 @@ def test_ffn_share_and_rest_add_up_to_the_decode_step(report):
     assert ffn_ms > 0 and rest_ms > 0
 
 
-def test_model_info_counts_the_bytes_a_token_reads(report):
+def test_model_info_counts_the_bytes_a_token_reads(report, pair):
     carved, dense = report.models["carved"], report.models["dense"]
     assert dense["ffn_bytes_per_token_per_layer"] == 3 * 48 * 100 * 4  # gate, up, down in fp32
-    # 4 of 8 experts (stack padded to 8 * 13 neurons) plus the router's 6 x 2 rows of 48.
+    # 4 of 8 experts (stack padded to 8 * 13 neurons) plus every router parameter.
     expert_bytes = 3 * 48 * 13 * 4
-    assert carved["ffn_bytes_per_token_per_layer"] == 4 * expert_bytes + 2 * 6 * 48 * 4 + 6 * 4
+    router = next(m.router for m in pair[0].modules() if bench.is_carved_mlp(m))
+    router_bytes = 4 * sum(p.numel() for p in router.parameters())
+    assert carved["ffn_bytes_per_token_per_layer"] == 4 * expert_bytes + router_bytes
     assert carved["carved_ffn_backend"].startswith("cmoe_kernels.carved_ffn")
     assert dense["carved_ffn_backend"] is None and dense["ffn_layers"] == 2
 
@@ -98,9 +104,8 @@ def test_report_is_json_with_medians_and_ratios(report):
     assert record["machine"]["torch_threads"] == 1  # the run's own setting, restored after
     metric = next(m for m in record["metrics"] if m["key"] == "ffn_us_per_layer.b1")
     assert set(metric["ratios"]) == {"carved/dense", "loop/carved"}
-    assert metric["median"]["carved"] == pytest.approx(
-        sorted(metric["samples"]["carved"])[0] / 2 + sorted(metric["samples"]["carved"])[1] / 2
-    )
+    samples = metric["samples"]["carved"]
+    assert metric["median"]["carved"] == pytest.approx(sum(samples) / 2)  # 2 repeats
 
 
 def test_threads_are_restored_after_the_run(pair):
@@ -130,6 +135,7 @@ def test_ffn_hooks_time_exactly_the_decode_calls(pair, batch):
     sample = bench.decode_once(carved, ids, new_tokens=4, ffn=ffn)
     assert len(ffn) == 2
     assert sample.ffn_calls == 2 * 3  # 2 layers x 3 decode steps; the prefill is not counted
+    assert sample.router_calls == 2 * 3 and 0 < sample.router_s < sample.ffn_s
     assert 0 < sample.ffn_s < sample.decode_s
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ffn)
 
@@ -148,7 +154,9 @@ def test_per_expert_loop_computes_the_carved_ffn_and_is_uninstalled(pair):
 
 def test_gemma_carved_model_runs_with_the_loop_baseline():
     carved, dense = carved_and_dense("gemma3")  # GELU-tanh experts, another decoder layout
-    config = BenchConfig(**{**FAST, "prefill_tokens": (4,), "decode_batches": (1,), "repeats": 1})
+    config = BenchConfig(
+        **{**FAST, "prefill_tokens": (4,), "decode_batches": (1,), "repeats": 1, "warmup": 0}
+    )
     report = bench.run_bench(
         [BenchModel("carved", carved, "c"), BenchModel("dense", dense, "d")], config, progress=False
     )
@@ -161,7 +169,8 @@ def test_prompts_come_from_text_with_a_tokenizer_and_stay_in_the_vocabulary():
     assert ids.shape == (3, 50) and int(ids.max()) < 200
     assert not torch.equal(ids[0], ids[1])  # consecutive windows, not one prompt three times
     random_ids = bench.prompt_ids(None, 64, 2, 5, seed=1)
-    assert random_ids.shape == (2, 5) and torch.equal(random_ids, bench.prompt_ids(None, 64, 2, 5, seed=1))
+    assert random_ids.shape == (2, 5)
+    assert torch.equal(random_ids, bench.prompt_ids(None, 64, 2, 5, seed=1))  # seeded
 
 
 @pytest.mark.parametrize(
@@ -207,7 +216,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(254)} | {"<unk>": 254, "</s>": 255}
-    for i, word in enumerate("the of and in to a is was".split()):
+    for i, word in enumerate(["the", "of", "and", "in", "to", "a", "is", "was"]):
         vocab[word] = vocab.pop(f"w{i}")
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -224,7 +233,8 @@ def checkpoints(tmp_path_factory):
     dense.save_pretrained(root / "dense")
     tokenizer.save_pretrained(root / "dense")
     result = carve_model(dense, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5), progress=False)
-    save_carved(dense, tokenizer, root / "carved", result.cmoe, {"layers": []}, {"source_model": "tiny"})
+    meta = {"source_model": "tiny"}
+    save_carved(dense, tokenizer, root / "carved", result.cmoe, {"layers": []}, meta)
     return root
 
 

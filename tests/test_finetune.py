@@ -138,8 +138,7 @@ def test_bias_update_balances_an_imbalanced_batch():
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, 0.5)
-        mlp.router.gate_weight[0] *= 4  # expert 0 wins most tokens
-    x = torch.randn(512, 16)
+    x = torch.randn(16) + 0.3 * torch.randn(512, 16)  # one tight cluster: a few experts win
     loads = []
     with torch.no_grad(), RoutingRecorder([mlp]) as recorder:
         for _ in range(40):
@@ -147,9 +146,10 @@ def test_bias_update_balances_an_imbalanced_batch():
             recorder.collect()
             counts = recorder.reset()  # [1, 6]
             loads.append(max_over_mean(counts)[0].item())
-            apply_bias_update([mlp], counts, gamma=0.02)
-    assert loads[0] > 2.0  # constructed imbalance
-    assert loads[-1] < 0.6 * loads[0]
+            apply_bias_update([mlp], counts, gamma=0.005)
+    assert loads[0] > 2.5  # constructed imbalance: 2.7
+    assert all(b <= a for a, b in zip(loads[:20], loads[1:20]))  # every update helps at first
+    assert loads[-1] < 0.7 * loads[0]  # 1.5 after 40 updates
     assert routing_counts(mlp.route(x)[2], 6).sum() == 512 * 2
 
 
@@ -174,7 +174,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(carved):
     with pytest.raises(CheckpointError, match="seed: 0 -> 1"):
         finetune(carved / "carved", out, tiny_config(carved, samples=8, grad_accum=2, seed=1),
                  resume=True, progress=False)
-    finetune(carved / "carved", out, config, resume=True, progress=False)
+    # Gradient checkpointing may change on resumption: it recomputes the same numbers.
+    resumed = tiny_config(carved, samples=8, grad_accum=2, save_every=2, gradient_checkpointing=True)
+    finetune(carved / "carved", out, resumed, resume=True, progress=False)
     a = load_file(carved / "full" / "model.safetensors")
     b = load_file(out / "model.safetensors")
     assert a.keys() == b.keys()

@@ -6,8 +6,8 @@ pytest import mode and whatever other conftest.py files the test tree grows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cmoe_kernels import carved_ffn_reference, carved_ffn_torch, per_expert_loop
 
 PATHS = ["decode", "prefill", "auto"]

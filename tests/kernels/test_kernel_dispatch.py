@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import cmoe_kernels
 import pytest
 import torch
-
-import cmoe_kernels
 from cmoe_kernels import carved_ffn, kernel_backend
 
 needs_triton = pytest.mark.skipif(not cmoe_kernels.triton_available(), reason="triton missing")

@@ -14,7 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from cmoe_kernels import carved_ffn, carved_ffn_reference, carved_ffn_triton, kernel_backend  # noqa: E402
+from cmoe_kernels import (
+    carved_ffn,
+    carved_ffn_reference,
+    carved_ffn_triton,
+    kernel_backend,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
