@@ -79,7 +79,7 @@ class CarvedRouter(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> unnormalised expert scores [T, Nr] in fp32."""
         if self.kind == "linear":
-            return (x @ self.gate_weight.t()).float() + self.logit_bias.float()
+            return F.linear(x, self.gate_weight, self.logit_bias).float()
         # Representative neurons: |act(g_R x) * (u_R x)| as in CMoE.
         return (self.act_fn(x @ self.gate_weight.t()) * (x @ self.up_weight.t())).abs().float()
 
@@ -131,14 +131,27 @@ class CarvedMLP(nn.Module):
     def num_routed(self) -> int:
         return self.num_experts - self.num_shared
 
+    def _shared_slots(self, device, dtype):
+        """Shared experts' ids [1, S] and gates [1, S], made once per device and dtype: at decode
+        each small tensor op costs ~5-10 us on a CPU, a sizeable share of a 96-neuron expert."""
+        key = (device, dtype)
+        cache = self.__dict__.setdefault("_shared_cache", {})
+        if key not in cache:
+            cache[key] = (
+                torch.arange(self.num_shared, device=device)[None],
+                torch.ones(1, self.num_shared, dtype=dtype, device=device),
+            )
+        return cache[key]
+
     def route(self, x: torch.Tensor):
         """x [T, D] -> expert ids [T, S+k] (shared first) and gates [T, S+k]."""
         scores, top, gates = self.router(x)
+        if not self.num_shared:
+            return top, gates, top
         num_tokens = x.shape[0]
-        shared = torch.arange(self.num_shared, device=x.device).expand(num_tokens, -1)
-        ids = torch.cat([shared, top + self.num_shared], dim=-1)
-        ones = torch.ones(num_tokens, self.num_shared, dtype=gates.dtype, device=x.device)
-        return ids, torch.cat([ones, gates], dim=-1), top
+        shared_ids, ones = self._shared_slots(x.device, gates.dtype)
+        ids = torch.cat([shared_ids.expand(num_tokens, -1), top + self.num_shared], dim=-1)
+        return ids, torch.cat([ones.expand(num_tokens, -1), gates], dim=-1), top
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
