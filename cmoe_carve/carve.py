@@ -59,6 +59,10 @@ class CarveConfig:
         },
     )
     ridge: float = field(default=1e-3, metadata={"help": "ridge strength of the fitted router"})
+    compensate: bool = field(
+        default=True,
+        metadata={"help": "add the mean output of the routed experts a token leaves out"},
+    )
     balance: bool = field(
         default=False,
         metadata={"help": "calibrate the selection bias so expert loads are even on calibration"},
@@ -246,6 +250,25 @@ def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float) -> None:
     router.logit_bias.copy_(intercept)
 
 
+@torch.no_grad()
+def _fit_compensation(carved: CarvedMLP, x: torch.Tensor) -> None:
+    """expert_bias[e] = mean output of routed expert e over the tokens that do not select it."""
+    s = carved.num_shared
+    _, _, top = carved.route(x)
+    sums = torch.zeros(carved.num_routed, x.shape[-1], dtype=torch.float64)
+    counts = torch.zeros(carved.num_routed, dtype=torch.float64)
+    for start in range(0, x.shape[0], 2048):
+        outs = expert_outputs(
+            x[start : start + 2048], carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn
+        )
+        left_out = torch.ones(outs.shape[:2], dtype=torch.bool)
+        left_out.scatter_(1, top[start : start + 2048].cpu(), False)  # [c, Nr]
+        sums += (outs * left_out[..., None]).sum(0).double()
+        counts += left_out.sum(0).double()
+    carved.expert_bias.copy_((sums / counts.clamp_min(1)[:, None]).to(carved.expert_bias.dtype))
+    carved.compensate = True
+
+
 # Tokens the router is fitted on (evenly spaced): a D x D ridge problem (576 for SmolLM2) is
 # well determined by 8,192 samples, and every routed expert's output must be computed for each.
 _FIT_TOKENS = 8192
@@ -329,17 +352,19 @@ def carve_model(
                     config.cosine_scores,
                 )
                 rows = _held_out_rows(x.shape[0], _ERROR_TOKENS)
+                fit = torch.ones(x.shape[0], dtype=torch.bool)
+                fit[rows] = False  # measured on tokens the fits did not see
+                fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
+                fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
                 if config.router == "fitted":
-                    fit = torch.ones(x.shape[0], dtype=torch.bool)
-                    fit[rows] = False  # measured on tokens the fit did not see
-                    fit_rows = torch.nonzero(fit).squeeze(1)
-                    fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
-                    _fit_router(carved, x[fit_rows.to(x.device)], config.ridge)
+                    _fit_router(carved, x[fit_rows], config.ridge)
                 if config.balance:
                     sample = x[:: max(1, x.shape[0] // 4096)]
                     carved.router.bias.copy_(
                         balance_bias(_selection_scores(carved, sample), carved.top_k)
                     )
+                if config.compensate:
+                    _fit_compensation(carved, x[fit_rows[::2]])
                 if config.adaptive:
                     few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
                     facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])
@@ -382,6 +407,7 @@ def carve_model(
         "intermediate_size": intermediate,
         "activation": act_name,
         "router": "linear" if config.router == "fitted" else "representative",
+        "compensate": config.compensate,
         "mlp_names": [name for name, _ in mlps],
         "base_config_class": type(model.config).__name__,
         "base_model_class": type(model).__name__,

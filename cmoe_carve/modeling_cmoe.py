@@ -119,6 +119,11 @@ class CarvedMLP(nn.Module):
         self.router = CarvedRouter(
             hidden_size, num_experts - num_shared, top_k, router, self.act_fn
         )
+        # Mean output of each routed expert over calibration tokens that did not choose it:
+        # added for the experts a token leaves out, so dropping one costs its variance, not its
+        # mean. Zero means no compensation; with every expert active nothing is added.
+        self.expert_bias = nn.Parameter(torch.zeros(num_experts - num_shared, hidden_size))
+        self.compensate = False
         # Filled by route() callers that want statistics (carving report, bench, finetune).
         self.last_routing: torch.Tensor | None = None
         self.record_routing = False
@@ -164,6 +169,9 @@ class CarvedMLP(nn.Module):
             y = _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
         else:
             y = experts_forward_torch(x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn)
+        if self.compensate:
+            dropped = self.expert_bias.sum(0) - self.expert_bias[top].sum(1)  # [T, D]
+            y = y + dropped.to(y.dtype)
         return y.reshape(shape)
 
 
@@ -193,6 +201,7 @@ def install_carved_mlps(model: nn.Module, cmoe: dict, hidden_size: int) -> None:
             activation=cmoe["activation"],
             router=cmoe.get("router", "representative"),
         )
+        carved.compensate = bool(cmoe.get("compensate", False))
         replace_module(model, name, carved)
 
 
