@@ -51,3 +51,13 @@ def test_carve_with_balance_and_adaptive_budgets():
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
         assert (model(ids).logits - dense(ids).logits).abs().max() > 0
+
+
+def test_compensation_lowers_held_out_error():
+    errors = {}
+    for compensate in (False, True):
+        model = tiny_model("llama")
+        config = CarveConfig(spec="S2A2E8", k_act=5, compensate=compensate)
+        result = carve_model(model, calib_ids(8, 32), config, progress=False)
+        errors[compensate] = sum(r.reconstruction_error for r in result.layers)
+    assert errors[True] < errors[False]
