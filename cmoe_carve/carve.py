@@ -68,7 +68,7 @@ class CarveConfig:
         metadata={"help": "calibrate the selection bias so expert loads are even on calibration"},
     )
     adaptive: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "layer-adaptive budgets: more active experts where the carve error is "
             "largest, at the same average"

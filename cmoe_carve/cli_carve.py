@@ -35,6 +35,15 @@ def carve_command(
         help="markers (CMoE: binary top-K_a markers, shared by activation rate) or contribution "
         "(|h| * ||down column|| per token, shared by mean contribution).",
     ),
+    compensate: bool = typer.Option(
+        True, help="Add the mean output of the routed experts a token leaves out."
+    ),
+    adaptive: bool = typer.Option(
+        True, help="Layer-adaptive budgets: more active experts where the carve error is largest."
+    ),
+    balance: bool = typer.Option(
+        False, help="Calibrate the selection bias so expert loads are even on calibration text."
+    ),
     data_dir: Optional[str] = typer.Option(
         None,
         help="Local data directory laid out like wikitext-2-raw/, c4/ (else $CMOE_DATA_DIR).",
@@ -53,7 +62,14 @@ def carve_command(
     from .pipeline import carve
 
     config = CarveConfig(
-        spec=spec, k_act=k_act, max_iter=max_iter, router=router, grouping=grouping
+        spec=spec,
+        k_act=k_act,
+        max_iter=max_iter,
+        router=router,
+        grouping=grouping,
+        compensate=compensate,
+        adaptive=adaptive,
+        balance=balance,
     )
     path = carve(
         model,
