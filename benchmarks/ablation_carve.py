@@ -20,12 +20,15 @@ from cmoe_carve.data import calibration_windows, eval_windows, resolve_text
 from cmoe_carve.evaluate import perplexity
 from cmoe_carve.loading import load_model
 
+OFF = dict(compensate=False, adaptive=False, balance=False)
 VARIANTS = {
-    "official (representative router, markers)": dict(router="representative", warm_steps=0),
-    "fitted router": dict(router="fitted"),
-    "fitted + contribution grouping": dict(router="fitted", grouping="contribution"),
-    "fitted + adaptive budgets": dict(router="fitted", adaptive=True),
-    "fitted + balance bias": dict(router="fitted", balance=True),
+    "official": dict(router="representative", warm_steps=0, **OFF),
+    "fitted": dict(router="fitted", **OFF),
+    "fitted+contribution": dict(router="fitted", grouping="contribution", **OFF),
+    "fitted+adaptive": dict(router="fitted", **{**OFF, "adaptive": True}),
+    "fitted+compensate": dict(router="fitted", **{**OFF, "compensate": True}),
+    "fitted+balance": dict(router="fitted", **{**OFF, "balance": True}),
+    "default": dict(),  # fitted + compensate + adaptive
 }
 
 
