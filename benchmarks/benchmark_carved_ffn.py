@@ -26,13 +26,12 @@ import csv
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
 
 import cmoe_kernels
+import torch
+import torch.nn.functional as F
 from cmoe_kernels import carved_ffn_torch, per_expert_loop
 
 # (hidden size D, FFN neurons N)
@@ -140,22 +139,42 @@ def bench_shape(args, device: torch.device) -> list[Row]:
 
     # Each ring holds --ring-mb of distinct layers, so every pass streams its weights from memory.
     dense_bytes = 3 * D * N * size
-    dense_ring = [(randn(N, D), randn(N, D), randn(D, N)) for _ in range(ring_length(dense_bytes, args.ring_mb))]
+    dense_ring = [
+        (randn(N, D), randn(N, D), randn(D, N))
+        for _ in range(ring_length(dense_bytes, args.ring_mb))
+    ]
     carved = {}
     for layout in args.layouts:
         S, A, E, m = parse_layout(layout, N)
         n_layers = ring_length(3 * D * N * size, args.ring_mb)
-        carved[layout] = (S, A, E, m, [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)])
-    providers: dict[str, Callable] = {"loop": per_expert_loop, "gather-bmm": gather_bmm,
-                                      "torch": carved_ffn_torch}
+        carved[layout] = (
+            S,
+            A,
+            E,
+            m,
+            [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)],
+        )
+    providers: dict[str, Callable] = {
+        "loop": per_expert_loop,
+        "gather-bmm": gather_bmm,
+        "torch": carved_ffn_torch,
+    }
     if device.type == "cuda" and cmoe_kernels.triton_available():
         providers["triton"] = cmoe_kernels.carved_ffn_triton
 
     rows: list[Row] = []
     for T in args.tokens:
         x = torch.randn(T, D, generator=gen).to(device, dtype)
-        jobs = [Job("dense", "dense", dense_ffn, [(x, *w) for w in dense_ring], dense_bytes,
-                    2 * T * 3 * D * N)]
+        jobs = [
+            Job(
+                "dense",
+                "dense",
+                dense_ffn,
+                [(x, *w) for w in dense_ring],
+                dense_bytes,
+                2 * T * 3 * D * N,
+            )
+        ]
         for layout, (S, A, E, m, weights) in carved.items():
             ids, gates = route(T, S, A, E, device, gen)
             active = torch.unique(ids).numel() * 3 * D * m * size  # union of the chosen experts
@@ -163,7 +182,9 @@ def bench_shape(args, device: torch.device) -> list[Row]:
             for name, fn in providers.items():
                 if name not in args.providers:
                     continue
-                if (name == "gather-bmm" and T > 16) or (name == "loop" and T > args.loop_max_tokens):
+                if (name == "gather-bmm" and T > 16) or (
+                    name == "loop" and T > args.loop_max_tokens
+                ):
                     continue
                 ring = [(x, gu, dn, ids, gates) for gu, dn in weights]
                 jobs.append(Job(layout, name, fn, ring, active, flops))
@@ -172,20 +193,35 @@ def bench_shape(args, device: torch.device) -> list[Row]:
         dense_t = stat(jobs[0].times)
         for job in jobs:
             t = stat(job.times)
-            rows.append(Row(args.shape, job.layout, job.provider, T, t * 1e6, job.active_bytes / 2**20,
-                            job.active_bytes / t / 1e9, job.flops / t / 1e12, dense_t / t))
+            rows.append(
+                Row(
+                    args.shape,
+                    job.layout,
+                    job.provider,
+                    T,
+                    t * 1e6,
+                    job.active_bytes / 2**20,
+                    job.active_bytes / t / 1e9,
+                    job.flops / t / 1e12,
+                    dense_t / t,
+                )
+            )
             print(f"{job.layout} {job.provider} T={T}: {t * 1e6:.0f} us", file=sys.stderr)
     return rows
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'layout':9} {'provider':10} {'T':>5} {'us':>10} {'active MB':>9} {'GB/s':>7} " \
-           f"{'TFLOP/s':>8} {'x dense':>7}"
+    head = (
+        f"{'layout':9} {'provider':10} {'T':>5} {'us':>10} {'active MB':>9} {'GB/s':>7} "
+        f"{'TFLOP/s':>8} {'x dense':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.layout:9} {r.provider:10} {r.tokens:5d} {r.us:10.1f} {r.active_mb:9.2f} "
-              f"{r.gb_per_s:7.2f} {r.tflops:8.4f} {r.speedup_vs_dense:7.2f}")
+        print(
+            f"{r.layout:9} {r.provider:10} {r.tokens:5d} {r.us:10.1f} {r.active_mb:9.2f} "
+            f"{r.gb_per_s:7.2f} {r.tflops:8.4f} {r.speedup_vs_dense:7.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,19 +229,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="FFN shape (D, N)")
     p.add_argument("--layouts", default="S2A2E16,S3A3E8", help="carved layouts, comma-separated")
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="token counts to sweep")
-    p.add_argument("--providers", default="loop,gather-bmm,torch,triton",
-                   help="carved providers to run (dense always runs)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights and activations (default fp32 on CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--providers",
+        default="loop,gather-bmm,torch,triton",
+        help="carved providers to run (dense always runs)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights and activations (default fp32 on CPU, bf16 on CUDA)",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--ring-mb", type=float, default=1024.0,
-                   help="total weight bytes per provider's ring of layers (beyond the caches)")
+    p.add_argument(
+        "--ring-mb",
+        type=float,
+        default=1024.0,
+        help="total weight bytes per provider's ring of layers (beyond the caches)",
+    )
     p.add_argument("--reps", type=int, default=5, help="minimum timed passes over the ring")
     p.add_argument("--min-s", type=float, default=1.0, help="minimum timed seconds per point")
-    p.add_argument("--stat", choices=["median", "min"], default="median",
-                   help="statistic over passes; min on a machine shared with other jobs")
-    p.add_argument("--loop-max-tokens", type=int, default=1024,
-                   help="skip the per-expert loop above this many tokens (it is slow)")
+    p.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic over passes; min on a machine shared with other jobs",
+    )
+    p.add_argument(
+        "--loop-max-tokens",
+        type=int,
+        default=1024,
+        help="skip the per-expert loop above this many tokens (it is slow)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = p.parse_args(argv)
@@ -217,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# {args.shape} D,N={SHAPES[args.shape]} {args.dtype} on {name}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.stat} of passes")
+    print(
+        f"# {args.shape} D,N={SHAPES[args.shape]} {args.dtype} on {name}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.stat} of passes"
+    )
     rows = bench_shape(args, device)
     print_table(rows)
     if args.csv:

@@ -44,6 +44,13 @@ class CarveConfig:
     spec: str = field(default="S2A2E16", metadata={"help": "experts: S<shared>A<active>E<total>"})
     k_act: int = field(default=10, metadata={"help": "neurons marked active per token (K_a)"})
     max_iter: int = field(default=10, metadata={"help": "cap on balanced k-means passes"})
+    kmeans_tol: float = field(
+        default=0.0,
+        metadata={
+            "help": "the assignment counts as stable when at most this fraction of neurons "
+            "changes expert in a pass (each pass is one LSA solve, ~0.2 s for SmolLM2)"
+        },
+    )
     warm_steps: int = field(
         default=5,
         metadata={"help": "unbalanced k-means passes before the balanced ones (fewer LSA solves)"},
@@ -238,33 +245,52 @@ def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
     return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
 
 
+def _routed_outputs(carved: CarvedMLP, x: torch.Tensor, chunk: int = 2048):
+    """Every routed expert's output, chunk by chunk: yields [c, Nr, D] fp32."""
+    s = carved.num_shared
+    for start in range(0, x.shape[0], chunk):
+        yield expert_outputs(
+            x[start : start + chunk], carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn
+        )
+
+
+# Routed outputs up to this size are kept between the router fit and the compensation, which
+# both need them (8,192 x 14 x 576 x 4 B = 264 MB for SmolLM2); larger ones are recomputed.
+_KEEP_OUTPUT_BYTES = 512 * 2**20
+
+
 @torch.no_grad()
-def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float) -> None:
-    """Replace the representative-neuron router by one regressed on expert output norms."""
-    targets = standardize_rows(_routed_norms(carved, x))
-    weight, intercept = fit_linear_router(x, targets, ridge)
+def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float):
+    """Replace the representative-neuron router by one regressed on expert output norms.
+    Returns the routed outputs on x when small enough to keep, else None."""
+    keep = x.shape[0] * carved.num_routed * x.shape[1] * 4 <= _KEEP_OUTPUT_BYTES
+    outs, norms = [], []
+    for out in _routed_outputs(carved, x):
+        norms.append(out.norm(dim=-1))
+        if keep:
+            outs.append(out)
+    weight, intercept = fit_linear_router(x, standardize_rows(torch.cat(norms)), ridge)
     router = carved.router
     router.kind = "linear"
     router.gate_weight.copy_(weight)
     router.up_weight.zero_()  # unused by a linear router
     router.logit_bias.copy_(intercept)
+    return outs or None
 
 
 @torch.no_grad()
-def _fit_compensation(carved: CarvedMLP, x: torch.Tensor) -> None:
+def _fit_compensation(carved: CarvedMLP, x: torch.Tensor, outs=None) -> None:
     """expert_bias[e] = mean output of routed expert e over the tokens that do not select it."""
-    s = carved.num_shared
     _, _, top = carved.route(x)
     sums = torch.zeros(carved.num_routed, x.shape[-1], dtype=torch.float64)
     counts = torch.zeros(carved.num_routed, dtype=torch.float64)
-    for start in range(0, x.shape[0], 2048):
-        outs = expert_outputs(
-            x[start : start + 2048], carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn
-        )
-        left_out = torch.ones(outs.shape[:2], dtype=torch.bool)
-        left_out.scatter_(1, top[start : start + 2048].cpu(), False)  # [c, Nr]
-        sums += (outs * left_out[..., None]).sum(0).double()
+    start = 0
+    for out in outs or _routed_outputs(carved, x):
+        left_out = torch.ones(out.shape[:2], dtype=torch.bool)
+        left_out.scatter_(1, top[start : start + out.shape[0]].cpu(), False)  # [c, Nr]
+        sums += (out * left_out[..., None]).sum(0).double()
         counts += left_out.sum(0).double()
+        start += out.shape[0]
     carved.expert_bias.copy_((sums / counts.clamp_min(1)[:, None]).to(carved.expert_bias.dtype))
     carved.compensate = True
 
@@ -345,6 +371,7 @@ def carve_model(
                 groups = group_neurons(
                     signals, importance, layout.num_shared, layout.num_experts,
                     config.max_iter, normalize=by_contribution, warm_steps=config.warm_steps,
+                    tol=config.kmeans_tol,
                 )
                 prof.contributions = None  # [N, d_h]: free it before the next layer
                 carved = build_carved_mlp(
@@ -356,15 +383,19 @@ def carve_model(
                 fit[rows] = False  # measured on tokens the fits did not see
                 fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
                 fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
+                outs = None
                 if config.router == "fitted":
-                    _fit_router(carved, x[fit_rows], config.ridge)
+                    outs = _fit_router(carved, x[fit_rows], config.ridge)
                 if config.balance:
                     sample = x[:: max(1, x.shape[0] // 4096)]
                     carved.router.bias.copy_(
                         balance_bias(_selection_scores(carved, sample), carved.top_k)
                     )
                 if config.compensate:
-                    _fit_compensation(carved, x[fit_rows[::2]])
+                    # Every other fit row: half the tokens give the same means within noise.
+                    kept = [torch.cat(outs)[::2]] if outs else None
+                    _fit_compensation(carved, x[fit_rows[::2]], kept)
+                del outs
                 if config.adaptive:
                     few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
                     facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])

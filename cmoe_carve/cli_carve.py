@@ -25,6 +25,11 @@ def carve_command(
     seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
     k_act: int = typer.Option(10, help="Neurons marked active per token when profiling (K_a)."),
     max_iter: int = typer.Option(10, help="Cap on balanced k-means passes per layer."),
+    kmeans_tol: float = typer.Option(
+        0.0,
+        help="Stop k-means when at most this fraction of neurons changes expert (0: exact "
+        "stability; 0.01 saves LSA solves).",
+    ),
     router: str = typer.Option(
         "fitted",
         help="fitted (ridge regression of expert output norms on the FFN input) or "
@@ -65,6 +70,7 @@ def carve_command(
         spec=spec,
         k_act=k_act,
         max_iter=max_iter,
+        kmeans_tol=kmeans_tol,
         router=router,
         grouping=grouping,
         compensate=compensate,

@@ -9,32 +9,37 @@ import typer
 
 from .finetune import FinetuneConfig
 
-_h = FinetuneConfig.help  # one help string per field, kept with the field
+
+
+def _h(name: str) -> str:
+    """The help of a FinetuneConfig field (kept with the field), as a sentence."""
+    text = FinetuneConfig.help(name)
+    return text[0].upper() + text[1:] + "."
 
 
 def finetune_command(
     carved: Path = typer.Argument(..., help="Carved checkpoint directory (from `cmoe carve`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the fine-tuned checkpoint to."),
-    data: str = typer.Option("wikitext2", help=_h("data") + "."),
-    samples: int = typer.Option(128, help=_h("samples") + "."),
-    seqlen: int = typer.Option(512, help=_h("seqlen") + "."),
-    epochs: int = typer.Option(1, help=_h("epochs") + "."),
-    mode: str = typer.Option("lora", help=_h("mode") + "."),
-    lr: Optional[float] = typer.Option(None, help=_h("lr") + ".", show_default=False),
-    router_lr: float = typer.Option(1e-3, help=_h("router_lr") + "."),
-    batch_size: int = typer.Option(1, help=_h("batch_size") + "."),
-    grad_accum: int = typer.Option(1, help=_h("grad_accum") + "."),
-    seed: int = typer.Option(0, help=_h("seed") + "."),
-    lora_rank: int = typer.Option(8, help=_h("lora_rank") + "."),
-    lora_alpha: float = typer.Option(32.0, help=_h("lora_alpha") + "."),
-    gamma: float = typer.Option(1e-3, help=_h("gamma") + "."),
-    schedule: str = typer.Option("cosine", help=_h("schedule") + "."),
-    warmup_ratio: float = typer.Option(0.05, help=_h("warmup_ratio") + "."),
-    weight_decay: float = typer.Option(0.0, help=_h("weight_decay") + "."),
-    max_grad_norm: float = typer.Option(1.0, help=_h("max_grad_norm") + "."),
-    gradient_checkpointing: bool = typer.Option(False, help=_h("gradient_checkpointing") + "."),
-    precision: str = typer.Option("auto", help=_h("precision") + "."),
-    save_every: int = typer.Option(50, help=_h("save_every") + "."),
+    data: str = typer.Option("wikitext2", help=_h("data")),
+    samples: int = typer.Option(128, help=_h("samples")),
+    seqlen: int = typer.Option(512, help=_h("seqlen")),
+    epochs: int = typer.Option(1, help=_h("epochs")),
+    mode: str = typer.Option("lora", help=_h("mode")),
+    lr: Optional[float] = typer.Option(None, help=_h("lr") , show_default=False),
+    router_lr: float = typer.Option(1e-3, help=_h("router_lr")),
+    batch_size: int = typer.Option(1, help=_h("batch_size")),
+    grad_accum: int = typer.Option(1, help=_h("grad_accum")),
+    seed: int = typer.Option(0, help=_h("seed")),
+    lora_rank: int = typer.Option(8, help=_h("lora_rank")),
+    lora_alpha: float = typer.Option(32.0, help=_h("lora_alpha")),
+    gamma: float = typer.Option(1e-3, help=_h("gamma")),
+    schedule: str = typer.Option("cosine", help=_h("schedule")),
+    warmup_ratio: float = typer.Option(0.05, help=_h("warmup_ratio")),
+    weight_decay: float = typer.Option(0.0, help=_h("weight_decay")),
+    max_grad_norm: float = typer.Option(1.0, help=_h("max_grad_norm")),
+    gradient_checkpointing: bool = typer.Option(False, help=_h("gradient_checkpointing")),
+    precision: str = typer.Option("auto", help=_h("precision")),
+    save_every: int = typer.Option(50, help=_h("save_every")),
     resume: bool = typer.Option(
         False, help="Continue an interrupted run from the state it saved beside --out."
     ),
@@ -51,7 +56,7 @@ def finetune_command(
 ) -> None:
     """Recover a carved model's quality: LoRA, router scale and load balancing, merged.
 
-    Runs on a CPU, one GPU, or several with `accelerate launch -m cmoe_carve.cli finetune ...`.
+    Several GPUs: `accelerate launch -m cmoe_carve.cli finetune ...` (or torchrun).
     """
     from .finetune import finetune
 
@@ -67,7 +72,10 @@ def finetune_command(
         carved, out, config, data_dir=data_dir, resume=resume, overwrite=overwrite, cpu=cpu,
         progress=progress,
     )
-    typer.echo(
-        f"fine-tuned checkpoint written to {result.path} ({result.steps} steps, "
-        f"loss {result.loss_first:.3f} -> {result.loss_last:.3f}, {result.seconds:.0f} s)"
-    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, also under `accelerate launch`
+        typer.echo(
+            f"fine-tuned checkpoint written to {result.path} ({result.steps} steps, "
+            f"loss {result.loss_first:.3f} -> {result.loss_last:.3f}, {result.seconds:.0f} s)"
+        )

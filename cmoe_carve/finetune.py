@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -408,12 +408,6 @@ def finetune(
     configuration. Without it, an existing state is an error unless `overwrite`. `cpu`: train
     on the CPU even where a GPU is present. `step_callback(StepInfo)` runs after every step.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
-
-    from .data import calibration_windows, resolve_text
-
     config = config or FinetuneConfig()
     carved_dir, out = Path(carved_dir), Path(out)
     cmoe = read_cmoe_config(carved_dir)
@@ -424,161 +418,212 @@ def finetune(
             f"an interrupted run left its state in {state_file}: pass --resume to continue it, "
             "or --overwrite to start over"
         )
-
-    accelerator = Accelerator(mixed_precision=_precision(config, cpu), cpu=cpu)
-    main = accelerator.is_main_process
-    set_seed(config.seed)
-    # The tokenizer needs none of the checkpoint's remote code: never prompt for it.
-    tokenizer = AutoTokenizer.from_pretrained(carved_dir, trust_remote_code=False)
-    model = load_carved(carved_dir, dtype="float32", device="cpu")
-    source = resolve_text(config.data, purpose="calibration", data_dir=data_dir)
-    windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed)
-    plan = step_plan(len(windows), config.batch_size, config.grad_accum, config.epochs,
-                     accelerator.num_processes, config.seed)
-
-    torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = prepare_trainable(model, cmoe, config)
-    mlps = carved_mlps(model)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config),
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay,
-    )
-    # Stepped once per optimizer step here, not handed to accelerate (which would step it once
-    # per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, len(plan), config)
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    identity = {
-        "config": config.to_dict(),
-        "data_sha256": source.sha256,
-        "source": _checkpoint_fingerprint(carved_dir),
-        "processes": accelerator.num_processes,
-    }
-    history = {"losses": [], "load": [], "seconds": 0.0, "resumed_at": []}
-    start_step = 0
+    run = _Run.prepare(carved_dir, cmoe, config, data_dir, cpu)
+    start = 0
     if resume and state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        check_resumable(state, identity)
-        unwrapped = accelerator.unwrap_model(model)
-        missing = unwrapped.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise CheckpointError(f"the saved state has unknown weights {missing.unexpected_keys[:3]}")
-        with torch.no_grad():
-            for mlp, bias in zip(mlps, state["router_bias"]):
-                mlp.router.bias.copy_(bias)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        history = state["history"]
-        start_step = state["step"]
-        history["resumed_at"].append(start_step)
-        if main:
-            log.info("resuming from step %d of %d (%s)", start_step, len(plan), state_file)
-    elif resume and main:
+        start = run.restore(state_file)
+    elif resume and run.main:
         log.warning("no saved state at %s: starting from the first step", state_file)
+    run.train(start, state_file, progress, step_callback)
 
-    def snapshot(step: int) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "identity": identity,
-            "step": step,
-            "trainable": _trainable_state(accelerator.unwrap_model(model)),
-            "router_bias": _router_biases(mlps),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "history": history,
-        }
-
-    if main:
-        log.info(
-            "fine-tuning (%s) %d trainable parameters on %d x %d tokens of %s: %d steps, "
-            "%d process(es), %s, precision %s",
-            config.mode, n_trainable, *windows.shape, source.describe(), len(plan),
-            accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
-        )
-    rank, bs = accelerator.process_index, config.batch_size
-    tokens_per_micro = bs * accelerator.num_processes * config.seqlen
-    run_start, run_tokens = time.perf_counter(), 0
-    log_every = max(1, len(plan) // 20)  # without a progress bar, about 20 log lines
-    model.train()
-    with RoutingRecorder(mlps) as recorder, progress_bar(
-        len(plan), "finetuning", enabled=progress and main
-    ) as bar:
-        bar.advance(start_step)
-        for step in range(start_step, len(plan)):
-            micro_batches = plan[step]
-            step_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for j, idx in enumerate(micro_batches):
-                ids = windows[idx[rank * bs : (rank + 1) * bs]].to(accelerator.device)  # [B, T]
-                last = j == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    recorder.collect()
-                    accelerator.backward(loss / len(micro_batches))
-                loss_sum += loss.detach().float()
-            if step == start_step:
-                _require_router_gradients(mlps)
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            counts = accelerator.reduce(recorder.reset().to(accelerator.device), "sum").cpu()
-            if config.gamma > 0:
-                apply_bias_update(mlps, counts, config.gamma)
-            loss_mean = accelerator.reduce(loss_sum / len(micro_batches), "mean").item()
-            balance = max_over_mean(counts)  # [L]
-            step_tokens = len(micro_batches) * tokens_per_micro
-            run_tokens += step_tokens
-            history["losses"].append(loss_mean)
-            history["load"].append(round(balance.mean().item(), 4))
-            history["seconds"] += time.perf_counter() - step_start
-            tok_s = run_tokens / (time.perf_counter() - run_start)
-            info = (f"loss {loss_mean:.3f} | {tok_s:,.0f} tok/s | "
-                    f"load max/mean {balance.mean().item():.2f}")
-            bar.advance(info=info)
-            done = step + 1
-            if main and not progress and (done % log_every == 0 or done == len(plan)):
-                log.info("step %d/%d: %s", done, len(plan), info)
-            if config.save_every and done % config.save_every == 0 and done < len(plan):
-                accelerator.wait_for_everyone()
-                if main:
-                    save_state(state_file, snapshot(done))
-            if step_callback is not None:
-                step_callback(StepInfo(done, len(plan), loss_mean, tok_s,
-                                       balance.mean().item(), model))
-
-    model.eval()
-    accelerator.wait_for_everyone()
+    accelerator, history = run.accelerator, run.history
     losses = history["losses"]
     summary = {
-        "steps": len(plan),
-        "tokens": sum(len(s) for s in plan) * tokens_per_micro,
+        "steps": len(run.plan),
+        "tokens": sum(len(s) for s in run.plan) * run.tokens_per_micro,
         "seconds": round(history["seconds"], 2),
         "loss_first": losses[0] if losses else float("nan"),
         "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
     }
-    if main:
-        final = _merged(accelerator.unwrap_model(model))
-        _write_output(final, tokenizer, carved_dir, out, cmoe, config, source, summary, history,
-                      n_trainable, accelerator, overwrite)
+    if run.main:
+        final = _merged(accelerator.unwrap_model(run.model))
+        _write_output(final, run.tokenizer, carved_dir, out, cmoe, config, run.source, summary,
+                      history, run.n_trainable, accelerator, overwrite)
         state_file.unlink(missing_ok=True)
         log.info("fine-tuned checkpoint written to %s", out)
     accelerator.wait_for_everyone()
     return FinetuneResult(out, summary["steps"], summary["tokens"], summary["seconds"],
                           summary["loss_first"], summary["loss_last"])
+
+
+@dataclass
+class _Run:
+    """One training run: what it holds, and the parts of its loop."""
+
+    config: FinetuneConfig
+    accelerator: Any
+    model: nn.Module  # PEFT-wrapped in lora mode, prepared by accelerate
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    mlps: list  # the CarvedMLPs, in layer order
+    source: Any  # the TextSource of the training windows
+    windows: torch.Tensor  # [n, T] int64
+    plan: list[list[torch.Tensor]]  # step -> micro-batches of window indices
+    identity: dict  # what a saved state must match to be resumed
+    history: dict = field(
+        default_factory=lambda: {"losses": [], "load": [], "seconds": 0.0, "resumed_at": []}
+    )
+
+    @classmethod
+    def prepare(cls, carved_dir: Path, cmoe: dict, config: FinetuneConfig, data_dir, cpu) -> _Run:
+        """Load the model and the data, wrap for the mode, build the optimizer."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import AutoTokenizer
+
+        from .data import calibration_windows, resolve_text
+
+        accelerator = Accelerator(mixed_precision=_precision(config, cpu), cpu=cpu)
+        set_seed(config.seed)
+        # The tokenizer needs none of the checkpoint's remote code: never prompt for it.
+        tokenizer = AutoTokenizer.from_pretrained(carved_dir, trust_remote_code=False)
+        model = load_carved(carved_dir, dtype="float32", device="cpu")
+        source = resolve_text(config.data, purpose="calibration", data_dir=data_dir)
+        windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed)
+        plan = step_plan(len(windows), config.batch_size, config.grad_accum, config.epochs,
+                         accelerator.num_processes, config.seed)
+        torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
+        model.config.use_cache = False
+        if config.gradient_checkpointing:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model = prepare_trainable(model, cmoe, config)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, config),
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+        # Stepped once per optimizer step here, not handed to accelerate (which would step it
+        # once per process).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, len(plan), config)
+        )
+        mlps = carved_mlps(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        identity = {
+            "config": config.to_dict(),
+            "data_sha256": source.sha256,
+            "source": _checkpoint_fingerprint(carved_dir),
+            "processes": accelerator.num_processes,
+        }
+        return cls(config, accelerator, model, tokenizer, optimizer, scheduler, mlps, source,
+                   windows, plan, identity)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def tokens_per_micro(self) -> int:
+        return self.config.batch_size * self.accelerator.num_processes * self.config.seqlen
+
+    def snapshot(self, step: int) -> dict:
+        """Everything needed to continue after `step` optimizer steps exactly."""
+        scaler = self.accelerator.scaler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "identity": self.identity,
+            "step": step,
+            "trainable": _trainable_state(self.accelerator.unwrap_model(self.model)),
+            "router_bias": _router_biases(self.mlps),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": self.history,
+        }
+
+    def restore(self, state_file: Path) -> int:
+        """Load a snapshot saved by an interrupted run; returns the step to continue from."""
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        check_resumable(state, self.identity)
+        keys = self.accelerator.unwrap_model(self.model).load_state_dict(state["trainable"], strict=False)
+        if keys.unexpected_keys:
+            raise CheckpointError(f"the saved state has unknown weights {keys.unexpected_keys[:3]}")
+        with torch.no_grad():
+            for mlp, bias in zip(self.mlps, state["router_bias"]):
+                mlp.router.bias.copy_(bias)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+        self.history["resumed_at"].append(state["step"])
+        if self.main:
+            log.info("resuming from step %d of %d (%s)", state["step"], len(self.plan), state_file)
+        return state["step"]
+
+    def step(self, index: int, recorder: RoutingRecorder, first: bool) -> tuple[float, torch.Tensor]:
+        """One optimizer step and the bias update after it: (mean loss, routing counts [L, Nr])."""
+        acc, config, micro_batches = self.accelerator, self.config, self.plan[index]
+        rank, bs = acc.process_index, config.batch_size
+        loss_sum = torch.zeros((), device=acc.device)
+        for j, idx in enumerate(micro_batches):
+            ids = self.windows[idx[rank * bs : (rank + 1) * bs]].to(acc.device)  # [B, T]
+            last = j == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                recorder.collect()  # before backward, which may recompute the layers
+                acc.backward(loss / len(micro_batches))
+            loss_sum += loss.detach().float()
+        if first:
+            _require_router_gradients(self.mlps)
+        if config.max_grad_norm > 0:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            acc.clip_grad_norm_(trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = acc.reduce(recorder.reset().to(acc.device), "sum").cpu()  # [L, Nr]
+        if config.gamma > 0:
+            apply_bias_update(self.mlps, counts, config.gamma)
+        return acc.reduce(loss_sum / len(micro_batches), "mean").item(), counts
+
+    def train(self, start: int, state_file: Path, progress: bool, callback) -> None:
+        """Steps `start`..end with a progress bar, periodic state saves and the callback."""
+        total, config = len(self.plan), self.config
+        if self.main:
+            log.info(
+                "fine-tuning (%s) %d trainable parameters on %d x %d tokens of %s: %d steps, "
+                "%d process(es), %s, precision %s",
+                config.mode, self.n_trainable, *self.windows.shape, self.source.describe(),
+                total, self.accelerator.num_processes, self.accelerator.device,
+                self.accelerator.mixed_precision,
+            )
+        log_every = max(1, total // 20)  # without a progress bar, about 20 log lines
+        run_start, run_tokens = time.perf_counter(), 0
+        self.model.train()
+        with RoutingRecorder(self.mlps) as recorder, progress_bar(
+            total, "finetuning", enabled=progress and self.main
+        ) as bar:
+            bar.advance(start)
+            for index in range(start, total):
+                step_start = time.perf_counter()
+                loss, counts = self.step(index, recorder, first=index == start)
+                balance = max_over_mean(counts).mean().item()  # mean over layers
+                run_tokens += len(self.plan[index]) * self.tokens_per_micro
+                self.history["losses"].append(loss)
+                self.history["load"].append(round(balance, 4))
+                self.history["seconds"] += time.perf_counter() - step_start
+                tok_s = run_tokens / (time.perf_counter() - run_start)
+                info = f"loss {loss:.3f} | {tok_s:,.0f} tok/s | load max/mean {balance:.2f}"
+                bar.advance(info=info)
+                done = index + 1
+                if self.main and not progress and (done % log_every == 0 or done == total):
+                    log.info("step %d/%d: %s", done, total, info)
+                if config.save_every and done % config.save_every == 0 and done < total:
+                    self.accelerator.wait_for_everyone()
+                    if self.main:
+                        save_state(state_file, self.snapshot(done))
+                if callback is not None:
+                    callback(StepInfo(done, total, loss, tok_s, balance, self.model))
+        self.model.eval()
+        self.accelerator.wait_for_everyone()
 
 
 def _require_router_gradients(mlps) -> None:
@@ -600,7 +645,7 @@ def _merged(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     if getattr(model, "is_activation_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.config.use_cache = True
     return model.eval()
 
@@ -696,19 +741,18 @@ def finetune_card(record: dict) -> str:
         f"| trained | {what} ({record['trainable_parameters']:,} parameters) |",
         f"| data | {record['data']['description']} |",
         f"| windows | {c['samples']} x {c['seqlen']} tokens, {c['epochs']} epoch(s), seed {c['seed']} |",
-        f"| steps | {record['steps']} of {c['batch_size']} x {c['grad_accum']} x "
-        f"{record['processes']} window(s), {record['tokens']:,} tokens |",
-        f"| optimizer | AdamW betas ({c['adam_beta1']}, {c['adam_beta2']}), lr {lrs}, "
-        f"{c['schedule']} after {c['warmup_ratio']:g} warmup |",
+        (f"| steps | {record['steps']} of {c['batch_size']} x {c['grad_accum']} x "
+         f"{record['processes']} window(s), {record['tokens']:,} tokens |"),
+        (f"| optimizer | AdamW betas ({c['adam_beta1']}, {c['adam_beta2']}), lr {lrs}, "
+         f"{c['schedule']} after {c['warmup_ratio']:g} warmup |"),
         f"| load balancing | selection-bias update, gamma {c['gamma']:g} per step |",
-        f"| training loss | {record['loss_first']:.3f} (first step) -> {record['loss_last']:.3f} "
-        "(mean of the last 10) |",
-        f"| load max/mean | {load[0] if load else float('nan'):.2f} (first step) -> "
-        f"{load[-1] if load else float('nan'):.2f} (last step), mean over layers |",
-        f"| time | {record['seconds']:.0f} s on {record['device']}, precision "
-        f"{record['mixed_precision']} |",
+        (f"| training loss | {record['loss_first']:.3f} (first step) -> "
+         f"{record['loss_last']:.3f} (mean of the last 10) |"),
+        (f"| load max/mean | {load[0] if load else float('nan'):.2f} (first step) -> "
+         f"{load[-1] if load else float('nan'):.2f} (last step), mean over layers |"),
+        (f"| time | {record['seconds']:.0f} s on {record['device']}, precision "
+         f"{record['mixed_precision']} |"),
         "",
-        "Loss curve: `loss_curve.png`; per-step losses in "
-        f"`{REPORT_FILE}` under `finetune`.",
+        f"Loss curve: `loss_curve.png`; per-step losses in `{REPORT_FILE}` under `finetune`.",
     ]
     return "\n".join(lines) + "\n"

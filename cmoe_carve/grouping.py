@@ -81,12 +81,17 @@ def lloyd_centroids(
 
 
 def balanced_kmeans(
-    features: torch.Tensor, init: torch.Tensor, max_iter: int = 10, warm_steps: int = 0
+    features: torch.Tensor,
+    init: torch.Tensor,
+    max_iter: int = 10,
+    warm_steps: int = 0,
+    tol: float = 0.0,
 ) -> Clustering:
     """Balanced k-means from initial centroid items `init` [k] (indices into features [n, F]).
 
     Optionally `warm_steps` unbalanced passes first; then iterates the exact balanced assignment
-    and mean update until no label changes, or `max_iter` balanced passes.
+    and mean update until at most a `tol` fraction of labels change (0: none), or `max_iter`
+    balanced passes.
     """
     k = init.numel()
     features = features.float()
@@ -95,7 +100,7 @@ def balanced_kmeans(
     labels = None
     for iteration in range(1, max_iter + 1):
         new = balanced_assign(squared_distances(features, centroids, norms))
-        converged = labels is not None and torch.equal(new, labels)
+        converged = labels is not None and (new != labels).float().mean().item() <= tol
         labels = new
         centroids = cluster_means(features, labels, k)
         if converged:
@@ -137,6 +142,7 @@ def group_neurons(
     max_iter: int = 10,
     normalize: bool = False,
     warm_steps: int = 0,
+    tol: float = 0.0,
 ) -> ExpertLayout:
     """Group d_h neurons into E experts: the most important form the shared experts, the rest
     are clustered by their per-token signals (CMoE: binary markers [N, d_h] and activation
@@ -164,7 +170,7 @@ def group_neurons(
     padded = torch.cat([importance.float(), torch.full((pad,), -1.0)])
     # Initial centroids: the most important routed neurons, as in CMoE.
     init = torch.sort(padded[routed], descending=True, stable=True).indices[:num_routed]
-    clustering = balanced_kmeans(features, init, max_iter, warm_steps)
+    clustering = balanced_kmeans(features, init, max_iter, warm_steps, tol)
     reps = routed[representatives(features, clustering, eligible=real)]
     groups = [shared.view(num_shared, m)] if num_shared else []
     routed_groups = torch.stack(
