@@ -212,7 +212,7 @@ def bench_shape(args, device: torch.device) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'layout':9} {'provider':10} {'T':>5} {'us':>10} {'active MB':>9} {'GB/s':>7} "
+        f"{'layout':9} {'provider':10} {'T':>5} {'us':>10} {'MiB read':>9} {'GB/s':>7} "
         f"{'TFLOP/s':>8} {'x dense':>7}"
     )
     print(head)

@@ -169,17 +169,13 @@ def _kernel_activation(module: nn.Module) -> str:
         ) from None
 
 
-def _per_expert_loop_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """CarvedMLP.forward with the official CMoE combine in place of our experts."""
+def _per_expert_loop_experts(
+    self: nn.Module, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """CarvedMLP.experts with the official CMoE combine in place of our kernels."""
     from cmoe_kernels import per_expert_loop
 
-    shape = hidden_states.shape
-    x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
-    ids, gates, _ = self.route(x)  # [T, S+k] each
-    y = per_expert_loop(
-        x, self.gate_up_proj, self.down_proj, ids, gates, _kernel_activation(self)
-    )
-    return y.reshape(shape)
+    return per_expert_loop(x, self.gate_up_proj, self.down_proj, ids, gates, _kernel_activation(self))
 
 
 @contextlib.contextmanager
@@ -193,11 +189,11 @@ def per_expert_loop_installed(model: nn.Module) -> Iterator[nn.Module]:
         _kernel_activation(module)  # fail before patching anything
     try:
         for module in carved:
-            module.forward = types.MethodType(_per_expert_loop_forward, module)
+            module.experts = types.MethodType(_per_expert_loop_experts, module)
         yield model
     finally:
         for module in carved:
-            module.__dict__.pop("forward", None)  # the class's forward again
+            module.__dict__.pop("experts", None)  # the class's experts again
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,17 +158,20 @@ class CarvedMLP(nn.Module):
         ids = torch.cat([shared_ids.expand(num_tokens, -1), top + self.num_shared], dim=-1)
         return ids, torch.cat([ones.expand(num_tokens, -1), gates], dim=-1), top
 
+    def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the chosen experts: x [T, D], ids/gates [T, S+k] -> [T, D]."""
+        kernel_act = _KERNEL_ACTIVATIONS.get(self.activation)
+        if _fast_carved_ffn is not None and kernel_act is not None:
+            return _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
+        return experts_forward_torch(x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
         ids, gates, top = self.route(x)
         if self.record_routing:
             self.last_routing = top.detach()
-        kernel_act = _KERNEL_ACTIVATIONS.get(self.activation)
-        if _fast_carved_ffn is not None and kernel_act is not None:
-            y = _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
-        else:
-            y = experts_forward_torch(x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn)
+        y = self.experts(x, ids, gates)
         if self.compensate:
             dropped = self.expert_bias.sum(0) - self.expert_bias[top].sum(1)  # [T, D]
             y = y + dropped.to(y.dtype)

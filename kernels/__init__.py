@@ -60,8 +60,12 @@ def kernel_backend(x: torch.Tensor) -> Backend:
         return "torch"
     runnable = triton_available() and (x.is_cuda or _interpret_mode())
     if choice == "triton" and not runnable:
-        why = "triton is not installed" if not triton_available() else (
-            f"the tensors are on {x.device.type}, not CUDA, and TRITON_INTERPRET=1 is not set"
+        why = (
+            "triton is not installed"
+            if not triton_available()
+            else (
+                f"the tensors are on {x.device.type}, not CUDA, and TRITON_INTERPRET=1 is not set"
+            )
         )
         raise RuntimeError(f"CMOE_KERNEL=triton cannot run here: {why}; use CMOE_KERNEL=torch")
     return "triton" if runnable else "torch"

@@ -58,12 +58,23 @@ def _activation(h, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _decode_gate_up_kernel(
-    x_ptr, gate_up_ptr, ids_ptr, gates_ptr, h_ptr,  # x [T, D], gate_up [E, 2m, D], h [T*K, m]
-    D, m, K,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    gate_up_ptr,
+    ids_ptr,
+    gates_ptr,
+    h_ptr,
+    D,
+    m,
+    K,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """h[p, i] = gate_p * act(W_gate[e_p, i] . x_t) * (W_up[e_p, i] . x_t) for one (pair, block of
-    BLOCK_M neurons): reads only the rows of the expert this pair chose."""
+    BLOCK_M neurons): reads only the rows of the expert this pair chose.
+
+    x [T, D], gate_up [E, 2m, D], ids and gates [T, K], h [T*K, m] fp32; p = t * K + k.
+    """
     pair = tl.program_id(0).to(tl.int64)  # p = t * K + k
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < m
@@ -89,12 +100,21 @@ def _decode_gate_up_kernel(
 
 @triton.jit
 def _decode_down_kernel(
-    h_ptr, down_ptr, ids_ptr, y_ptr,  # h [T*K, m] fp32, down [E, D, m], y [T, D]
-    D, m, K,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    h_ptr,
+    down_ptr,
+    ids_ptr,
+    y_ptr,
+    D,
+    m,
+    K,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """y[t, block of D] = sum_k down[e_k] @ h[t, k]: the K experts' sum in fp32 registers, in a
-    fixed order (deterministic, no atomics)."""
+    fixed order (deterministic, no atomics).
+
+    h [T*K, m] fp32 (gated), down [E, D, m], ids [T, K], y [T, D].
+    """
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -123,14 +143,28 @@ def _block_rows(expert, block_first_ptr, expert_start_ptr, BLOCK_T: tl.constexpr
 
 @triton.jit
 def _prefill_gate_up_kernel(
-    x_ptr, gate_up_ptr, order_ptr, h_ptr,  # x [T, D], gate_up [E, 2m, D], h [T*K, m] sorted
-    block_expert_ptr, block_first_ptr, expert_start_ptr,
-    D, m, K, E,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    gate_up_ptr,
+    order_ptr,
+    h_ptr,
+    block_expert_ptr,
+    block_first_ptr,
+    expert_start_ptr,
+    D,
+    m,
+    K,
+    E,
+    ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Grouped GEMM: for a block of pairs routed to one expert, gather their tokens' rows of x and
-    compute act(x W_gate^T) * (x W_up^T) for BLOCK_N neurons; the activation is the epilogue."""
+    compute act(x W_gate^T) * (x W_up^T) for BLOCK_N neurons; the activation is the epilogue.
+
+    x [T, D], gate_up [E, 2m, D], order [T*K] (pairs sorted by expert), h [T*K, m] in sorted order.
+    """
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= E:  # a spare block of the shape-sized grid (see _route): nothing to do
         return
@@ -146,28 +180,47 @@ def _prefill_gate_up_kernel(
     for d0 in range(0, D, BLOCK_K):
         offs_k = d0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
-        xb = tl.load(x_ptr + token[:, None] * D + offs_k[None, :],
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        xb = tl.load(
+            x_ptr + token[:, None] * D + offs_k[None, :],
+            mask=mask_t[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BLOCK_T, BLOCK_K]
         mask_w = mask_k[:, None] & mask_n[None, :]
         wg = tl.load(w_gate + offs_k[:, None], mask=mask_w, other=0.0)  # [BLOCK_K, BLOCK_N]
         wu = tl.load(w_up + offs_k[:, None], mask=mask_w, other=0.0)
         acc_gate = tl.dot(xb, wg, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(xb, wu, acc_up, input_precision=DOT_PRECISION)
     h = _activation(acc_gate, ACTIVATION) * acc_up
-    tl.store(h_ptr + rows[:, None] * m + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=mask_t[:, None] & mask_n[None, :])
+    tl.store(
+        h_ptr + rows[:, None] * m + offs_n[None, :],
+        h.to(h_ptr.dtype.element_ty),
+        mask=mask_t[:, None] & mask_n[None, :],
+    )
 
 
 @triton.jit
 def _prefill_down_kernel(
-    h_ptr, down_ptr, order_ptr, gates_ptr, out_ptr,  # h [T*K, m] sorted, out [T*K, D] fp32
-    block_expert_ptr, block_first_ptr, expert_start_ptr,
-    D, m, E,
+    h_ptr,
+    down_ptr,
+    order_ptr,
+    gates_ptr,
+    out_ptr,
+    block_expert_ptr,
+    block_first_ptr,
+    expert_start_ptr,
+    D,
+    m,
+    E,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Grouped GEMM: out[pair] = gate_pair * down[e] @ h[pair] for a block of sorted pairs and
-    BLOCK_N outputs, written back at the pair's own (unsorted) row: each row has one writer."""
+    BLOCK_N outputs, written back at the pair's own (unsorted) row: each row has one writer.
+
+    h [T*K, m] in sorted order, down [E, D, m], gates [T*K], out [T*K, D] fp32 in pair order.
+    """
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= E:  # a spare block of the shape-sized grid (see _route): nothing to do
         return
@@ -180,14 +233,18 @@ def _prefill_down_kernel(
     for k0 in range(0, m, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < m
-        hb = tl.load(h_ptr + rows[:, None] * m + offs_k[None, :],
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        hb = tl.load(
+            h_ptr + rows[:, None] * m + offs_k[None, :],
+            mask=mask_t[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BLOCK_T, BLOCK_K]
         wb = tl.load(w + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
     gate = tl.load(gates_ptr + pair, mask=mask_t, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
-    tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], acc,
-             mask=mask_t[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + pair[:, None] * D + offs_n[None, :], acc, mask=mask_t[:, None] & mask_n[None, :]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +277,12 @@ def _route(ids: torch.Tensor, E: int, block_t: int):
 
 @torch.library.custom_op("cmoe_kernels::carved_ffn_decode", mutates_args=())
 def carved_ffn_decode(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-    gates: torch.Tensor, activation: str,
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    activation: str,
 ) -> torch.Tensor:
     """Launch the gather-GEMV pair: gate/up GEMV with the activation fused, then down in fp32."""
     T, D = x.shape
@@ -230,20 +291,41 @@ def carved_ffn_decode(
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     block_m, block_d = (16, 32) if _INTERPRETED else (16, 256)
     _decode_gate_up_kernel[(T * K, triton.cdiv(m, block_m))](
-        x, gate_up, ids, gates, h, D, m, K,
-        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_M=block_m, BLOCK_D=block_d,
+        x,
+        gate_up,
+        ids,
+        gates,
+        h,
+        D,
+        m,
+        K,
+        ACTIVATION=_ACTIVATION_IDS[activation],
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
     )
     block_d, block_m = (32, 16) if _INTERPRETED else (32, 128)
     _decode_down_kernel[(T, triton.cdiv(D, block_d))](
-        h, down, ids, y, D, m, K, BLOCK_D=block_d, BLOCK_M=block_m,
+        h,
+        down,
+        ids,
+        y,
+        D,
+        m,
+        K,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
     )
     return y
 
 
 @torch.library.custom_op("cmoe_kernels::carved_ffn_prefill", mutates_args=())
 def carved_ffn_prefill(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-    gates: torch.Tensor, activation: str,
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    activation: str,
 ) -> torch.Tensor:
     """Launch the two grouped GEMMs, then sum each token's K gated rows in fp32, in slot order."""
     T, D = x.shape
@@ -259,13 +341,39 @@ def carved_ffn_prefill(
     h = torch.empty(T * K, m, dtype=x.dtype, device=x.device)  # sorted pair order
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)  # unsorted pair order
     _prefill_gate_up_kernel[(n_blocks, triton.cdiv(m, block_n))](
-        x, gate_up, order, h, block_expert, block_first, expert_start, D, m, K, E,
-        ACTIVATION=_ACTIVATION_IDS[activation], DOT_PRECISION=precision,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        x,
+        gate_up,
+        order,
+        h,
+        block_expert,
+        block_first,
+        expert_start,
+        D,
+        m,
+        K,
+        E,
+        ACTIVATION=_ACTIVATION_IDS[activation],
+        DOT_PRECISION=precision,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     _prefill_down_kernel[(n_blocks, triton.cdiv(D, block_n))](
-        h, down, order, gates.reshape(-1), out, block_expert, block_first, expert_start, D, m, E,
-        DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        h,
+        down,
+        order,
+        gates.reshape(-1),
+        out,
+        block_expert,
+        block_first,
+        expert_start,
+        D,
+        m,
+        E,
+        DOT_PRECISION=precision,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return out.view(T, K, D).sum(1).to(x.dtype)  # fixed-order sum: deterministic
 
@@ -301,8 +409,7 @@ class CarvedFFNFunction(torch.autograd.Function):
         with torch.enable_grad():
             y = carved_ffn_torch(*leaves, ids, gates_leaf, ctx.activation)
         grads = iter(torch.autograd.grad(y, wanted, grad_y))
-        gx, ggu, gdn, gg = (next(grads) if t.requires_grad else None
-                            for t in (*leaves, gates_leaf))
+        gx, ggu, gdn, gg = (next(grads) if t.requires_grad else None for t in (*leaves, gates_leaf))
         return gx, ggu, gdn, None, gg, None, None
 
 

@@ -146,10 +146,10 @@ def test_per_expert_loop_computes_the_carved_ffn_and_is_uninstalled(pair):
     with torch.no_grad():
         ours = carved(ids).logits
         with bench.per_expert_loop_installed(carved):
-            assert all("forward" in m.__dict__ for m in carved.modules() if bench.is_carved_mlp(m))
+            assert all("experts" in m.__dict__ for m in carved.modules() if bench.is_carved_mlp(m))
             loop = carved(ids).logits
     torch.testing.assert_close(loop, ours, rtol=1e-5, atol=1e-5)
-    assert not any("forward" in m.__dict__ for m in carved.modules())
+    assert not any("experts" in m.__dict__ for m in carved.modules())
 
 
 def test_gemma_carved_model_runs_with_the_loop_baseline():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -19,7 +20,13 @@ from cmoe_carve.balance import (
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.checkpoint import load_carved, save_carved
 from cmoe_carve.errors import CheckpointError
-from cmoe_carve.finetune import FinetuneConfig, FinetuneError, finetune, state_path, step_plan
+from cmoe_carve.finetune import (
+    FinetuneConfig,
+    FinetuneError,
+    finetune,
+    state_path,
+    step_plan,
+)
 from cmoe_carve.modeling_cmoe import CarvedMLP
 from tiny_models import calib_ids, tiny_model
 
@@ -53,7 +60,8 @@ def carved(tmp_path_factory):
 
 
 def tiny_config(carved, **overrides) -> FinetuneConfig:
-    values = dict(data=str(carved / "train.txt"), samples=4, seqlen=16, lr=1e-3, save_every=0)
+    values = {"data": str(carved / "train.txt"), "samples": 4, "seqlen": 16, "lr": 1e-3,
+              "save_every": 0}
     return FinetuneConfig(**{**values, **overrides})
 
 
@@ -149,7 +157,7 @@ def test_bias_update_balances_an_imbalanced_batch():
             loads.append(max_over_mean(counts)[0].item())
             apply_bias_update([mlp], counts, gamma=0.01)
     assert loads[0] > 2.5  # constructed imbalance: 2.92 (3.0 = every token on the same 2 of 6)
-    assert all(b <= a for a, b in zip(loads[:20], loads[1:20]))  # every update helps at first
+    assert all(b <= a for a, b in itertools.pairwise(loads[:20]))  # every update helps at first
     assert loads[-1] < 0.8 * loads[0]  # 2.16 after 40 updates
     assert routing_counts(mlp.route(x)[2], 6).sum() == 512 * 2
 

@@ -1,4 +1,4 @@
-"""carved_ffn picks Triton or PyTorch as CMOE_KERNEL and the device say, and imports without triton."""
+"""carved_ffn picks Triton or PyTorch as CMOE_KERNEL and the device say, even without triton."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def test_unknown_choice_is_rejected(cmoe_env):
 
 
 @needs_triton
-@pytest.mark.parametrize("choice, expected", [("triton", "triton"), ("torch", "torch"), ("auto", "triton")])
+@pytest.mark.parametrize(
+    "choice, expected", [("triton", "triton"), ("torch", "torch"), ("auto", "triton")]
+)
 def test_carved_ffn_calls_the_chosen_backend(ffn, cmoe_env, choice, expected):
     # Stubs record which implementation ran, so that no Triton kernel is compiled here.
     calls = []

@@ -37,7 +37,11 @@ print("ok", cmoe_kernels.__name__, is_kernels_available())
 
 def test_transformers_builds_a_model_with_the_project_installed():
     proc = subprocess.run(
-        [sys.executable, "-c", CODE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", CODE],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
