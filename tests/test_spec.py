@@ -37,3 +37,12 @@ def test_invalid_specs_name_the_problem(text, fragment):
 def test_spec_larger_than_ffn():
     with pytest.raises(SpecError, match="only 8 neurons"):
         check_spec_fits(parse_spec("S1A1E16"), 8)
+
+
+def test_package_entry_points_resolve():
+    import cmoe_carve
+    from cmoe_carve.pipeline import carve
+
+    assert callable(carve)
+    assert cmoe_carve.load_carved.__name__ == "load_carved"
+    assert cmoe_carve.CarveConfig().spec == "S2A2E16"
