@@ -393,7 +393,9 @@ def carve_model(
                     )
                 if config.compensate:
                     # Every other fit row: half the tokens give the same means within noise.
-                    kept = [torch.cat(outs)[::2]] if outs else None
+                    # Chunks hold an even number of rows, so slicing each keeps global order
+                    # without concatenating the kept outputs into one more copy.
+                    kept = [out[::2] for out in outs] if outs else None
                     _fit_compensation(carved, x[fit_rows[::2]], kept)
                 del outs
                 if config.adaptive:
