@@ -22,8 +22,11 @@ from .modeling_cmoe import CarvedMLP, find_gated_mlps, replace_module
 from .profiling import profile_layer
 from .budget import allocate_budgets, balance_bias, error_by_active_experts
 from .router_fit import (
+    down_grams,
+    expert_hidden,
     expert_output_norms,
     expert_outputs,
+    norms_from_hidden,
     fit_linear_router,
     oracle_agreement,
     standardize_rows,
@@ -245,53 +248,61 @@ def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
     return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
 
 
-def _routed_outputs(carved: CarvedMLP, x: torch.Tensor, chunk: int = 2048):
-    """Every routed expert's output, chunk by chunk: yields [c, Nr, D] fp32."""
+def _routed_hidden(carved: CarvedMLP, x: torch.Tensor, chunk: int = 4096):
+    """Every routed expert's hidden activations, chunk by chunk: yields [c, Nr, m] fp32."""
     s = carved.num_shared
     for start in range(0, x.shape[0], chunk):
-        yield expert_outputs(
-            x[start : start + chunk], carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn
-        )
+        yield expert_hidden(x[start : start + chunk], carved.gate_up_proj[s:], carved.act_fn)
 
 
-# Routed outputs up to this size are kept between the router fit and the compensation, which
-# both need them (8,192 x 14 x 576 x 4 B = 264 MB for SmolLM2); larger ones are recomputed.
-_KEEP_OUTPUT_BYTES = 512 * 2**20
+# Routed hidden activations up to this size are kept between the router fit and the
+# compensation, which both need them (8,192 x 1,344 x 4 B = 44 MB for SmolLM2); larger ones
+# are recomputed.
+_KEEP_HIDDEN_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
 def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float):
     """Replace the representative-neuron router by one regressed on expert output norms.
-    Returns the routed outputs on x when small enough to keep, else None."""
-    keep = x.shape[0] * carved.num_routed * x.shape[1] * 4 <= _KEEP_OUTPUT_BYTES
-    outs, norms = [], []
-    for out in _routed_outputs(carved, x):
-        norms.append(out.norm(dim=-1))
+    Returns the routed hidden activations on x when small enough to keep, else None."""
+    s = carved.num_shared
+    keep = x.shape[0] * (carved.num_experts - s) * carved.down_proj.shape[-1] * 4 <= _KEEP_HIDDEN_BYTES
+    grams = down_grams(carved.down_proj[s:])
+    hidden, norms = [], []
+    for h in _routed_hidden(carved, x):
+        norms.append(norms_from_hidden(h, grams))
         if keep:
-            outs.append(out)
+            hidden.append(h)
     weight, intercept = fit_linear_router(x, standardize_rows(torch.cat(norms)), ridge)
     router = carved.router
     router.kind = "linear"
     router.gate_weight.copy_(weight)
     router.up_weight.zero_()  # unused by a linear router
     router.logit_bias.copy_(intercept)
-    return outs or None
+    return hidden or None
 
 
 @torch.no_grad()
-def _fit_compensation(carved: CarvedMLP, x: torch.Tensor, outs=None) -> None:
-    """expert_bias[e] = mean output of routed expert e over the tokens that do not select it."""
+def _fit_compensation(carved: CarvedMLP, x: torch.Tensor, hidden=None) -> None:
+    """expert_bias[e] = mean output of routed expert e over the tokens that do not select it.
+
+    The output is linear in the hidden activations, so the mean of outputs is W_down applied to
+    the mean hidden activation: no per-token [D] outputs are formed.
+    """
+    s = carved.num_shared
     _, _, top = carved.route(x)
-    sums = torch.zeros(carved.num_routed, x.shape[-1], dtype=torch.float64)
+    sums = torch.zeros(carved.num_routed, carved.down_proj.shape[-1], dtype=torch.float64)
     counts = torch.zeros(carved.num_routed, dtype=torch.float64)
     start = 0
-    for out in outs or _routed_outputs(carved, x):
-        left_out = torch.ones(out.shape[:2], dtype=torch.bool)
-        left_out.scatter_(1, top[start : start + out.shape[0]].cpu(), False)  # [c, Nr]
-        sums += (out * left_out[..., None]).sum(0).double()
+    for h in hidden or _routed_hidden(carved, x):
+        left_out = torch.ones(h.shape[:2])
+        left_out.scatter_(1, top[start : start + h.shape[0]].cpu(), 0.0)  # [c, Nr]
+        sums += torch.einsum("ce,cem->em", left_out, h.cpu()).double()
         counts += left_out.sum(0).double()
-        start += out.shape[0]
-    carved.expert_bias.copy_((sums / counts.clamp_min(1)[:, None]).to(carved.expert_bias.dtype))
+        start += h.shape[0]
+    means = (sums / counts.clamp_min(1)[:, None]).float()  # [Nr, m]
+    bias = torch.einsum("edm,em->ed", carved.down_proj[s:].float(), means.to(carved.down_proj.device))
+    carved.expert_bias.copy_(bias.to(carved.expert_bias.dtype))
     carved.compensate = True
 
 
@@ -383,9 +394,9 @@ def carve_model(
                 fit[rows] = False  # measured on tokens the fits did not see
                 fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
                 fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
-                outs = None
+                hidden = None
                 if config.router == "fitted":
-                    outs = _fit_router(carved, x[fit_rows], config.ridge)
+                    hidden = _fit_router(carved, x[fit_rows], config.ridge)
                 if config.balance:
                     sample = x[:: max(1, x.shape[0] // 4096)]
                     carved.router.bias.copy_(
@@ -394,10 +405,10 @@ def carve_model(
                 if config.compensate:
                     # Every other fit row: half the tokens give the same means within noise.
                     # Chunks hold an even number of rows, so slicing each keeps global order
-                    # without concatenating the kept outputs into one more copy.
-                    kept = [out[::2] for out in outs] if outs else None
+                    # without concatenating the kept activations into one more copy.
+                    kept = [h[::2] for h in hidden] if hidden else None
                     _fit_compensation(carved, x[fit_rows[::2]], kept)
-                del outs
+                del hidden
                 if config.adaptive:
                     few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
                     facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])

@@ -50,6 +50,75 @@ def balanced_assign(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(labels)
 
 
+def _negative_cycle(weight: np.ndarray, tol: float) -> list[int] | None:
+    """A cycle of total weight below -tol in the complete digraph weight [k, k], or None.
+
+    Bellman-Ford from a virtual source joined to every node: a relaxation still happening after
+    k rounds means a negative cycle, found by walking the predecessors back.
+    """
+    k = weight.shape[0]
+    dist = np.zeros(k)
+    pred = np.full(k, -1)
+    last = None
+    for _ in range(k):
+        cand = dist[:, None] + weight  # cand[u, v]: reach v through u
+        via = cand.argmin(0)
+        best = cand[via, np.arange(k)]
+        better = best < dist - tol
+        if not better.any():
+            return None
+        dist = np.where(better, best, dist)
+        pred = np.where(better, via, pred)
+        last = int(np.flatnonzero(better)[0])
+    node = last
+    for _ in range(k):  # k steps back from a node still relaxing lands on the cycle
+        node = int(pred[node])
+        if node < 0:
+            return None
+    cycle, cur = [node], int(pred[node])
+    while cur != node:
+        if cur < 0 or len(cycle) > k:
+            return None
+        cycle.append(cur)
+        cur = int(pred[cur])
+    cycle.reverse()  # predecessors point backwards: reversed, the list follows the edges
+    total = sum(weight[a, b] for a, b in zip(cycle, cycle[1:] + cycle[:1]))
+    return cycle if total < -tol else None
+
+
+def refine_assignment(
+    cost: torch.Tensor, labels: torch.Tensor, max_rounds: int | None = None
+) -> torch.Tensor | None:
+    """The optimal balanced assignment for `cost` [n, k], reached from the balanced `labels`
+    by cancelling negative cycles; None when that takes more than `max_rounds` cancellations.
+
+    A balanced assignment is optimal exactly when no cyclic exchange of items between clusters
+    (item from cluster a to b, another from b to c, ..., back to a) lowers the total cost: the
+    optimality condition of the transportation problem. Between two k-means passes the
+    centroids move little, so the previous labels are a few exchanges from the new optimum, far
+    cheaper to reach than solving the n x n assignment again.
+    """
+    c = cost.cpu().numpy().astype(np.float64)
+    n, k = c.shape
+    size = n // k
+    lab = labels.cpu().numpy().copy()
+    if np.bincount(lab, minlength=k).tolist() != [size] * k:
+        raise ValueError("refine_assignment needs a balanced assignment to start from")
+    tol = 1e-10 * max(float(np.abs(c).max()), 1.0)
+    for _ in range(max_rounds if max_rounds is not None else n):
+        order = np.argsort(lab, kind="stable")  # members of cluster a at [a*size, (a+1)*size)
+        sc = c[order]
+        moves = (sc - sc[np.arange(n), lab[order]][:, None]).reshape(k, size, k)
+        pick = moves.argmin(1)  # [a, b]: the member of a that is cheapest to move to b
+        cheapest = np.take_along_axis(moves, pick[:, None, :], 1)[:, 0, :]
+        cycle = _negative_cycle(cheapest, tol)
+        if cycle is None:
+            return torch.from_numpy(lab)
+        for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+            lab[order[a * size + pick[a, b]]] = b  # one item per cluster: all distinct
+    return None
+
+
 @dataclass
 class Clustering:
     labels: torch.Tensor  # [n] cluster of each item, each cluster holding exactly n/k items
@@ -90,7 +159,7 @@ def balanced_kmeans(
     """Balanced k-means from initial centroid items `init` [k] (indices into features [n, F]).
 
     Optionally `warm_steps` unbalanced passes first; then iterates the exact balanced assignment
-    and mean update until at most a `tol` fraction of labels change (0: none), or `max_iter`
+    (scipy's LSA on the first pass, then exact refinement of the previous labels) and mean update until at most a `tol` fraction of labels change (0: none), or `max_iter`
     balanced passes.
     """
     k = init.numel()
@@ -99,7 +168,10 @@ def balanced_kmeans(
     centroids = lloyd_centroids(features, features[init], norms, warm_steps)
     labels = None
     for iteration in range(1, max_iter + 1):
-        new = balanced_assign(squared_distances(features, centroids, norms))
+        cost = squared_distances(features, centroids, norms)
+        new = None if labels is None else refine_assignment(cost, labels)
+        if new is None:  # the first pass, or a refinement that ran long: solve from scratch
+            new = balanced_assign(cost)
         converged = labels is not None and (new != labels).float().mean().item() <= tol
         labels = new
         centroids = cluster_means(features, labels, k)
@@ -160,12 +232,15 @@ def group_neurons(
     is_shared[shared] = True
     routed = torch.nonzero(~is_shared).squeeze(1)  # [Nr*m] neuron ids, padding included
     real = routed < d_h
-    columns = signals.t().float()  # [d_h, N]: one row of signals per neuron
+    # One column of signals per routed neuron, gathered from the [N, d_h] matrix as it lies
+    # (gathering rows of its transpose reads memory with a stride of d_h: seconds per layer).
+    by_token = signals[:, routed.clamp(max=d_h - 1)].float()  # [N, Nr*m]
+    if pad:
+        by_token[:, ~real] = 0.0
     if normalize:
-        columns = torch.nn.functional.normalize(columns, dim=1)
-    features = torch.zeros(routed.numel(), signals.shape[0])
-    features[real] = columns[routed[real]]  # [Nr*m, N]
-    del columns
+        by_token = torch.nn.functional.normalize(by_token, dim=0)
+    features = by_token.t().contiguous()  # [Nr*m, N]: k-means matmuls run faster on rows
+    del by_token
     num_routed = num_experts - num_shared
     padded = torch.cat([importance.float(), torch.full((pad,), -1.0)])
     # Initial centroids: the most important routed neurons, as in CMoE.

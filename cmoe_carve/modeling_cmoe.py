@@ -9,6 +9,8 @@ import nothing from cmoe_carve. When the project is installed, the fast expert k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,11 @@ except Exception:  # noqa: BLE001 - any import problem means: use the plain path
 _KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+def keep_count(ratio: float, m: int) -> int:
+    """Neurons an expert of m keeps under a MoNE keep ratio: ceil(ratio * m), at least 1."""
+    return max(1, min(m, math.ceil(ratio * m - 1e-9)))
+
+
 def experts_forward_torch(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -30,11 +37,14 @@ def experts_forward_torch(
     ids: torch.Tensor,
     gates: torch.Tensor,
     act_fn,
+    keep: list[int] | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch experts: y[t] = sum_k gates[t,k] * down[e] @ (act(gate_e x) * up_e x).
 
     x [T, D], gate_up [E, 2m, D], down [E, D, m], ids [T, K], gates [T, K] -> [T, D].
     Tokens are grouped by expert (one matmul per expert that has tokens), never looped over.
+    With `keep` (E counts, MoNE), only each token's keep[e] neurons of largest |act(gate_e x)|
+    count in expert e.
     """
     num_tokens, top = ids.shape
     m = down.shape[-1]
@@ -49,7 +59,12 @@ def experts_forward_torch(
             continue
         xe = x_sorted[start : start + count]  # [n, D]
         gu = xe @ gate_up[expert].t()  # [n, 2m]
-        y_sorted[start : start + count] = (act_fn(gu[:, :m]) * gu[:, m:]) @ down[expert].t()
+        a = act_fn(gu[:, :m])
+        h = a * gu[:, m:]
+        if keep is not None and keep[expert] < m:
+            idx = torch.topk(a.detach().abs(), keep[expert], dim=-1).indices
+            h = h * torch.zeros_like(h).scatter_(-1, idx, 1.0)
+        y_sorted[start : start + count] = h @ down[expert].t()
         start += count
     # Undo the sort and combine each token's K slots in a fixed order (deterministic).
     y = torch.empty_like(y_sorted)
@@ -124,6 +139,10 @@ class CarvedMLP(nn.Module):
         # mean. Zero means no compensation; with every expert active nothing is added.
         self.expert_bias = nn.Parameter(torch.zeros(num_experts - num_shared, hidden_size))
         self.compensate = False
+        # MoNE: the fraction of each active expert's neurons that a token keeps (largest
+        # |act(gate x)|), for routed and for shared experts; 1.0 keeps all (selection off).
+        self.neuron_keep = 1.0
+        self.shared_neuron_keep = 1.0
         # Filled by route() callers that want statistics (carving report, bench, finetune).
         self.last_routing: torch.Tensor | None = None
         self.record_routing = False
@@ -158,12 +177,42 @@ class CarvedMLP(nn.Module):
         ids = torch.cat([shared_ids.expand(num_tokens, -1), top + self.num_shared], dim=-1)
         return ids, torch.cat([ones.expand(num_tokens, -1), gates], dim=-1), top
 
+    def keep_counts(self) -> list[int] | None:
+        """Neurons kept per expert id (shared first) under MoNE, or None when selection is off."""
+        if self.neuron_keep >= 1.0 and self.shared_neuron_keep >= 1.0:
+            return None
+        m = self.expert_size
+        shared, routed = keep_count(self.shared_neuron_keep, m), keep_count(self.neuron_keep, m)
+        return [shared] * self.num_shared + [routed] * self.num_routed
+
+    def _down_rows(self, num_tokens: int) -> torch.Tensor | None:
+        """down_proj as [E, m, D] rows, for MoNE at decode: reading the kept neurons' rows of
+        that copy touches only their bytes (columns of [E, D, m] are strided). Made once per
+        weight version; not made for training or prefill, which use the masked path."""
+        weight = self.down_proj
+        if num_tokens > 1 or (weight.requires_grad and torch.is_grad_enabled()):
+            return None
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        cached = self.__dict__.get("_down_rows_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().transpose(1, 2).contiguous())
+            self.__dict__["_down_rows_cache"] = cached
+        return cached[1]
+
     def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the chosen experts: x [T, D], ids/gates [T, S+k] -> [T, D]."""
+        keep = self.keep_counts()
         kernel_act = _KERNEL_ACTIVATIONS.get(self.activation)
         if _fast_carved_ffn is not None and kernel_act is not None:
-            return _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
-        return experts_forward_torch(x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn)
+            if keep is None:  # the call every kernel version understands
+                return _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
+            return _fast_carved_ffn(
+                x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act,
+                neuron_keep=keep, down_rows=self._down_rows(x.shape[0]),
+            )
+        return experts_forward_torch(
+            x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn, keep
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -205,6 +254,8 @@ def install_carved_mlps(model: nn.Module, cmoe: dict, hidden_size: int) -> None:
             router=cmoe.get("router", "representative"),
         )
         carved.compensate = bool(cmoe.get("compensate", False))
+        carved.neuron_keep = float(cmoe.get("neuron_keep", 1.0))
+        carved.shared_neuron_keep = float(cmoe.get("shared_neuron_keep", 1.0))
         replace_module(model, name, carved)
 
 

@@ -10,27 +10,51 @@ from __future__ import annotations
 
 import torch
 
-# Tokens per chunk when computing every routed expert's output: bounds the [chunk, Nr, D] fp32
-# buffer (2048 x 14 x 576 x 4 B = 66 MB for SmolLM2).
-_CHUNK = 2048
+# Tokens per chunk when computing experts' hidden activations: bounds the [chunk, E, m] fp32
+# buffer (4096 x 14 x 96 x 4 B = 22 MB for SmolLM2, 4096 x 11008 x 4 B = 180 MB for Llama-2-7B).
+_CHUNK = 4096
+
+
+@torch.no_grad()
+def expert_hidden(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    """Every expert's hidden activations act(gate x) * (up x): x [c, D], gate_up [E, 2m, D]
+    -> [c, E, m] fp32, as one matmul over all experts' rows."""
+    num, two_m, dim = gate_up.shape
+    m = two_m // 2
+    proj = (x.float() @ gate_up.float().reshape(num * two_m, dim).t()).view(-1, num, two_m)
+    return act_fn(proj[..., :m]) * proj[..., m:]
 
 
 @torch.no_grad()
 def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
     """Every expert's output E_e(x_t), gate 1: x [c, D], gate_up [E, 2m, D], down [E, D, m]
     -> [c, E, D] fp32."""
-    m = down.shape[-1]
-    proj = torch.einsum("cd,emd->cem", x.float(), gate_up.float())  # [c, E, 2m]
-    h = act_fn(proj[..., :m]) * proj[..., m:]  # [c, E, m]
-    return torch.einsum("cem,edm->ced", h, down.float())  # [c, E, D]
+    h = expert_hidden(x, gate_up, act_fn)
+    return torch.einsum("cem,edm->ced", h, down.float())
+
+
+def down_grams(down: torch.Tensor) -> torch.Tensor:
+    """W_e^T W_e for every expert's down projection: [E, D, m] -> [E, m, m] fp32."""
+    d = down.float()
+    return d.transpose(1, 2) @ d
+
+
+@torch.no_grad()
+def norms_from_hidden(h: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """||W_e h_e|| = sqrt(h_e^T (W_e^T W_e) h_e) for h [c, E, m] -> [c, E]: m x m work per
+    expert and token instead of the D x m of computing the output (6x less for SmolLM2)."""
+    by_expert = h.transpose(0, 1)  # [E, c, m]
+    quad = (torch.bmm(by_expert, grams) * by_expert).sum(-1)  # [E, c]
+    return quad.clamp_min_(0.0).sqrt_().t()
 
 
 @torch.no_grad()
 def expert_output_norms(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
     """||E_e(x_t)|| for every token and expert -> [T, E] fp32, chunked over tokens."""
+    grams = down_grams(down)
     return torch.cat(
         [
-            expert_outputs(x[s : s + _CHUNK], gate_up, down, act_fn).norm(dim=-1)
+            norms_from_hidden(expert_hidden(x[s : s + _CHUNK], gate_up, act_fn), grams)
             for s in range(0, x.shape[0], _CHUNK)
         ]
     )

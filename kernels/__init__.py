@@ -85,6 +85,8 @@ def carved_ffn(
     ids: torch.Tensor,
     gates: torch.Tensor,
     activation: Activation = "silu",
+    neuron_keep=None,
+    down_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FFN of a carved MoE layer: every token through its chosen experts, gated and summed.
 
@@ -98,6 +100,12 @@ def carved_ffn(
             appends the shared experts' ids (with gate 1) to the routed top-k.
         gates: [T, K] gate weight of each chosen expert, fp32 or x.dtype.
         activation: "silu" (Llama, Mistral, Qwen, SmolLM2) or "gelu_tanh" (Gemma).
+        neuron_keep: MoNE, neuron-granular sparsity inside the experts: None (off), one count
+            for every expert, or E counts (e.g. shared experts keep more). Each token keeps, in
+            each chosen expert, the neuron_keep[e] neurons of largest |act(W_gate[e] x_t)|; the
+            others contribute nothing (and receive no gradient).
+        down_rows: optional [E, m, D] row-major copy of `down`, used by the decode paths with
+            neuron_keep to read only the kept neurons' bytes of the down projection.
 
     Returns:
         y: [T, D] in x.dtype, y[t] = sum_k gates[t, k] * down[e] @ (act(W_gate[e] x_t) *
@@ -105,6 +113,14 @@ def carved_ffn(
 
     Differentiable in x, gate_up, down and gates. Backend: see `kernel_backend`.
     """
+    if neuron_keep is None:
+        if kernel_backend(x) == "triton":
+            return carved_ffn_triton(x, gate_up, down, ids, gates, activation)
+        return carved_ffn_torch(x, gate_up, down, ids, gates, activation)
     if kernel_backend(x) == "triton":
-        return carved_ffn_triton(x, gate_up, down, ids, gates, activation)
-    return carved_ffn_torch(x, gate_up, down, ids, gates, activation)
+        return carved_ffn_triton(
+            x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, down_rows=down_rows
+        )
+    return carved_ffn_torch(
+        x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, down_rows=down_rows
+    )

@@ -61,3 +61,25 @@ def check_inputs(
     if K > E:
         raise ValueError(f"ids has K={K} experts per token but the stack holds only E={E}")
     return T, D, E, m, K
+
+
+def expert_keep(neuron_keep, E: int, m: int) -> list[int] | None:
+    """Neurons kept per expert (MoNE) as a list of E counts, or None when every expert keeps all
+    m (selection off). `neuron_keep` is None, one count for every expert, or E counts."""
+    if neuron_keep is None:
+        return None
+    if isinstance(neuron_keep, int):
+        counts = [neuron_keep] * E
+    else:
+        counts = [int(c) for c in neuron_keep]
+        if len(counts) != E:
+            raise ValueError(f"neuron_keep must hold one count per expert (E={E}), got {len(counts)}")
+    if any(c < 1 or c > m for c in counts):
+        raise ValueError(f"neuron_keep counts must be in [1, m={m}], got {sorted(set(counts))}")
+    return None if all(c == m for c in counts) else counts
+
+
+def keep_mask(a: torch.Tensor, count: int) -> torch.Tensor:
+    """MoNE's selection: 1.0 for the `count` largest |a| of each row of a [n, m], else 0.0."""
+    idx = torch.topk(a.detach().abs(), count, dim=-1).indices
+    return torch.zeros_like(a).scatter_(-1, idx, 1.0)

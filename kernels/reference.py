@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_inputs, torch_activation
+from ._common import check_inputs, expert_keep, torch_activation
 
 
 def carved_ffn_reference(
@@ -20,21 +20,30 @@ def carved_ffn_reference(
     ids: torch.Tensor,
     gates: torch.Tensor,
     activation: str = "silu",
+    neuron_keep=None,
 ) -> torch.Tensor:
     """y[t] = sum_k gates[t, k] * down[e] @ (act(W_gate[e] x_t) * (W_up[e] x_t)), e = ids[t, k].
+
+    With `neuron_keep` (MoNE), only the neuron_keep[e] neurons of largest |act(W_gate[e] x_t)|
+    contribute; the others count as zero.
 
     A Python loop over tokens and over their experts. Matmuls run in x.dtype, the sum over experts
     in fp32, like the fast paths. Differentiable, so tests compare gradients against it too.
     """
-    T, D, _, m, K = check_inputs(x, gate_up, down, ids, gates)
+    T, D, E, m, K = check_inputs(x, gate_up, down, ids, gates)
     act = torch_activation(activation)
+    keep = expert_keep(neuron_keep, E, m)
     rows = []
     for t in range(T):
         acc = torch.zeros(D, dtype=torch.float32, device=x.device)
         for k in range(K):
             e = int(ids[t, k])
             w_gate, w_up = gate_up[e, :m], gate_up[e, m:]  # [m, D] each
-            h = act(w_gate @ x[t]) * (w_up @ x[t])  # [m]
+            a = act(w_gate @ x[t])  # [m]
+            h = a * (w_up @ x[t])
+            if keep is not None and keep[e] < m:
+                kept = torch.topk(a.detach().abs(), keep[e]).indices
+                h = torch.zeros_like(h).index_copy(0, kept, h[kept])
             acc = acc + gates[t, k].float() * (down[e] @ h).float()  # [D]
         rows.append(acc)
     return torch.stack(rows).to(x.dtype)

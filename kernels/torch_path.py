@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._common import check_inputs, torch_activation
+from ._common import check_inputs, expert_keep, keep_mask, torch_activation
 
 TorchPath = Literal["auto", "decode", "prefill"]
 
@@ -61,14 +61,53 @@ def _decode(x, gate_up, down, ids, gates, act) -> torch.Tensor:
     return torch.stack(rows).to(x.dtype)  # [T, D]
 
 
-def _expert(x, w_gate_up, w_down, act) -> torch.Tensor:
-    """One expert on rows x [n, D]: down @ (act(gate x) * (up x)) -> [n, D]."""
+def _decode_kept(x, gate_up, down, ids, gates, act, keep, down_rows) -> torch.Tensor:
+    """Decode with MoNE: per chosen expert, the gate rows give act(gate x); only the rows of up,
+    and of down (from its row-major copy `down_rows` [E, m, D] when given), of the kept neurons
+    are read. The K experts of a token are handled by a few batched ops, not a loop of small
+    ones: at decode each op costs microseconds, as much as the bytes MoNE saves."""
+    E, D, m = down.shape
+    gate_rows = gate_up[:, :m]  # [E, m, D] views
+    flat_gate_up = gate_up.reshape(E * 2 * m, D)
+    rows = []
+    for t, experts in enumerate(ids.tolist()):  # one host sync; T <= DECODE_MAX_TOKENS here
+        e = ids[t]
+        a = act(torch.stack([torch.mv(gate_rows[i], x[t]) for i in experts]))  # [K, m]
+        out = torch.zeros(D, dtype=torch.float32, device=x.device)
+        for count in sorted({keep[i] for i in experts}):  # shared and routed may differ
+            sel = [k for k, i in enumerate(experts) if keep[i] == count]
+            part = slice(None) if len(sel) == len(experts) else torch.tensor(sel, device=x.device)
+            ak, ek = a[part], e[part]
+            idx = torch.topk(ak.abs(), count, dim=-1).indices  # [k, count] kept neurons
+            up = flat_gate_up.index_select(0, (idx + (ek * 2 * m + m)[:, None]).reshape(-1))
+            h = ak.gather(1, idx) * (up @ x[t]).view_as(idx) * gates[t, part, None].to(a.dtype)
+            flat = (idx + (ek * m)[:, None]).reshape(-1)  # rows of the kept neurons
+            if down_rows is not None:
+                w = down_rows.reshape(E * m, D)
+                out += F.embedding_bag(
+                    flat[None], w, per_sample_weights=h.reshape(-1)[None].to(w.dtype), mode="sum"
+                )[0].float()
+            else:
+                cols = down.permute(0, 2, 1).reshape(E * m, D)  # a strided gather: correct, slower
+                out += (h.reshape(-1)[None] @ cols[flat]).squeeze(0).float()
+        rows.append(out)
+    return torch.stack(rows).to(x.dtype)
+
+
+def _expert(x, w_gate_up, w_down, act, keep: int | None = None) -> torch.Tensor:
+    """One expert on rows x [n, D]: down @ (act(gate x) * (up x)) -> [n, D]; with `keep`, only
+    each row's `keep` neurons of largest |act(gate x)| count (MoNE; gradients flow through
+    those). Many tokens pick different neurons, so all are computed and the rest masked."""
     m = w_down.shape[-1]
     h = F.linear(x, w_gate_up)  # [n, 2m]
-    return F.linear(act(h[:, :m]) * h[:, m:], w_down)
+    a = act(h[:, :m])
+    hidden = a * h[:, m:]
+    if keep is not None and keep < m:
+        hidden = hidden * keep_mask(a, keep)
+    return F.linear(hidden, w_down)
 
 
-def _prefill(x, gate_up, down, ids, gates, act) -> torch.Tensor:
+def _prefill(x, gate_up, down, ids, gates, act, keep=None) -> torch.Tensor:
     """Shared experts on all of x; the other pairs sorted by expert, two matmuls per expert,
     scatter-added back in fp32."""
     T, K = ids.shape
@@ -83,7 +122,7 @@ def _prefill(x, gate_up, down, ids, gates, act) -> torch.Tensor:
     full = [e for e, n in enumerate(counts) if n == T]
     for e in full:
         g = gates[ids == e].float().unsqueeze(-1)  # [T, 1]: each row holds e once
-        y.add_(_expert(x, gu[e], dn[e], act).float() * g)
+        y.add_(_expert(x, gu[e], dn[e], act, keep and keep[e]).float() * g)
     if len(full) == K:
         return y.to(x.dtype)
 
@@ -99,7 +138,7 @@ def _prefill(x, gate_up, down, ids, gates, act) -> torch.Tensor:
     for e, n in enumerate(counts):  # a loop over experts, never over tokens
         if n == 0 or n == T:
             continue
-        outs.append(_expert(xs[start : start + n], gu[e], dn[e], act))  # [n, D]
+        outs.append(_expert(xs[start : start + n], gu[e], dn[e], act, keep and keep[e]))
         start += n
     out = torch.cat(outs).float() * gates.reshape(-1)[order].float().unsqueeze(-1)  # [P, D]
     return y.index_add_(0, token, out).to(x.dtype)  # [T, D]
@@ -113,20 +152,25 @@ def carved_ffn_torch(
     gates: torch.Tensor,
     activation: str = "silu",
     path: TorchPath = "auto",
+    neuron_keep=None,
+    down_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The carved FFN with PyTorch ops; same contract as `cmoe_kernels.carved_ffn`.
 
     `path` forces a strategy ("decode" or "prefill", both correct for any T); "auto" takes
     decode up to DECODE_MAX_TOKENS tokens and prefill above.
     """
-    T, D, *_ = check_inputs(x, gate_up, down, ids, gates)
+    T, D, E, m, _ = check_inputs(x, gate_up, down, ids, gates)
     act = torch_activation(activation)
+    keep = expert_keep(neuron_keep, E, m)
     if T == 0:
         return x.new_zeros(0, D)
     if path == "auto":
         path = "decode" if T <= DECODE_MAX_TOKENS else "prefill"
     if path == "decode":
+        if keep is not None:
+            return _decode_kept(x, gate_up, down, ids, gates, act, keep, down_rows)
         return _decode(x, gate_up, down, ids, gates, act)
     if path == "prefill":
-        return _prefill(x, gate_up, down, ids, gates, act)
+        return _prefill(x, gate_up, down, ids, gates, act, keep)
     raise ValueError(f"path={path!r} is not one of 'auto', 'decode', 'prefill'")

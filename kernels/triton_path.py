@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, torch_activation
+from ._common import check_inputs, expert_keep, torch_activation
 from .torch_path import carved_ffn_torch
 
 # Decode (gather-GEMV) up to this many tokens, prefill (grouped GEMM) above. Untuned (no GPU
@@ -129,6 +129,114 @@ def _decode_down_kernel(
             hv = tl.load(h_ptr + pair * m + offs_m, mask=mask_m, other=0.0)
             wv = tl.load(w + offs_m[None, :], mask=mask_d[:, None] & mask_m[None, :], other=0.0)
             acc += tl.sum(wv.to(tl.float32) * hv[None, :], axis=1)
+    tl.store(y_ptr + token * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _decode_gate_kernel(
+    x_ptr,
+    gate_up_ptr,
+    ids_ptr,
+    a_ptr,
+    D,
+    m,
+    K,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """MoNE, step 1: a[p, i] = act(W_gate[e_p, i] . x_t), the gate rows only, for one (pair,
+    block of BLOCK_M neurons). x [T, D], gate_up [E, 2m, D], ids [T, K], a [T*K, m] fp32."""
+    pair = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m
+    token = pair // K
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    w_gate = gate_up_ptr + expert * 2 * m * D + offs_m[:, None] * D
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xv = tl.load(x_ptr + token * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        wg = tl.load(w_gate + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+    tl.store(a_ptr + pair * m + offs_m, _activation(acc, ACTIVATION), mask=mask_m)
+
+
+@triton.jit
+def _decode_up_kept_kernel(
+    x_ptr,
+    gate_up_ptr,
+    ids_ptr,
+    gates_ptr,
+    a_ptr,
+    kept_ptr,
+    count_ptr,
+    h_ptr,
+    D,
+    m,
+    K,
+    KMAX,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """MoNE, step 2: h[p, j] = gate_p * a[p, n_j] * (W_up[e_p, n_j] . x_t) for the kept neurons
+    n_j = kept[p, j], j < count[p]: reads only those rows of W_up.
+
+    kept [T*K, KMAX] int64 neuron ids, count [T*K] int32, h [T*K, KMAX] fp32 (0 past count).
+    """
+    pair = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    valid = offs_j < tl.load(count_ptr + pair)
+    token = pair // K
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    gate = tl.load(gates_ptr + pair).to(tl.float32)
+    neuron = tl.load(kept_ptr + pair * KMAX + offs_j, mask=valid, other=0)
+    w_up = gate_up_ptr + expert * 2 * m * D + (m + neuron[:, None]) * D
+    acc = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xv = tl.load(x_ptr + token * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        wu = tl.load(w_up + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+    a = tl.load(a_ptr + pair * m + neuron, mask=valid, other=0.0)
+    tl.store(h_ptr + pair * KMAX + offs_j, tl.where(valid, a * acc * gate, 0.0), mask=offs_j < KMAX)
+
+
+@triton.jit
+def _decode_down_kept_kernel(
+    h_ptr,
+    down_rows_ptr,
+    ids_ptr,
+    kept_ptr,
+    count_ptr,
+    y_ptr,
+    D,
+    m,
+    K,
+    KMAX,
+    BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """MoNE, step 3: y[t, block of D] = sum_k sum_j h[p, j] * down_rows[e_p, n_j, block]: only
+    the kept neurons' rows of the [E, m, D] copy of W_down, summed in a fixed order."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        pair = token * K + k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        count = tl.load(count_ptr + pair)
+        for j0 in range(0, KMAX, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            valid = offs_j < count
+            neuron = tl.load(kept_ptr + pair * KMAX + offs_j, mask=valid, other=0)
+            hv = tl.load(h_ptr + pair * KMAX + offs_j, mask=valid, other=0.0)
+            w = down_rows_ptr + (expert * m + neuron[:, None]) * D + offs_d[None, :]
+            wv = tl.load(w, mask=valid[:, None] & mask_d[None, :], other=0.0)
+            acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
     tl.store(y_ptr + token * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -378,9 +486,51 @@ def carved_ffn_prefill(
     return out.view(T, K, D).sum(1).to(x.dtype)  # fixed-order sum: deterministic
 
 
+@torch.library.custom_op("cmoe_kernels::carved_ffn_decode_kept", mutates_args=())
+def carved_ffn_decode_kept(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_rows: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    keep: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """MoNE decode: gate GEMV, top-k of |act| per (token, expert) in PyTorch, then the up and
+    down GEMVs on the kept rows only. keep [E] int32 neurons kept per expert."""
+    T, D = x.shape
+    E, m, K = down_rows.shape[0], down_rows.shape[1], ids.shape[1]
+    a = torch.empty(T * K, m, dtype=torch.float32, device=x.device)
+    block_m, block_d = (16, 32) if _INTERPRETED else (16, 256)
+    _decode_gate_kernel[(T * K, triton.cdiv(m, block_m))](
+        x, gate_up, ids, a, D, m, K,
+        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    count = keep[ids.reshape(-1).long()].to(torch.int32).contiguous()  # [T*K]
+    kmax = int(keep.max())  # keep lives on the host side of the call: no device sync
+    kept = torch.topk(a.abs(), kmax, dim=-1).indices.contiguous()  # sorted: first count[p] kept
+    h = torch.empty(T * K, kmax, dtype=torch.float32, device=x.device)
+    block_j = 16
+    _decode_up_kept_kernel[(T * K, triton.cdiv(kmax, block_j))](
+        x, gate_up, ids, gates, a, kept, count, h, D, m, K, kmax,
+        BLOCK_J=block_j, BLOCK_D=block_d,
+    )
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    block_d2 = 32 if _INTERPRETED else 128
+    _decode_down_kept_kernel[(T, triton.cdiv(D, block_d2))](
+        h, down_rows, ids, kept, count, y, D, m, K, kmax, BLOCK_D=block_d2, BLOCK_J=block_j,
+    )
+    return y
+
+
 @carved_ffn_decode.register_fake
 @carved_ffn_prefill.register_fake
 def _(x, gate_up, down, ids, gates, activation):
+    return x.new_empty(x.shape)
+
+
+@carved_ffn_decode_kept.register_fake
+def _(x, gate_up, down_rows, ids, gates, keep, activation):
     return x.new_empty(x.shape)
 
 
@@ -393,11 +543,20 @@ class CarvedFFNFunction(torch.autograd.Function):
     """Triton forward; backward by recomputing with the PyTorch path (documented fallback)."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, ids, gates, activation, path):
+    def forward(ctx, x, gate_up, down, ids, gates, activation, path, keep=None, down_rows=None):
         ctx.save_for_backward(x, gate_up, down, ids, gates)
-        ctx.activation = activation
-        launch = carved_ffn_decode if path == "decode" else carved_ffn_prefill
-        return launch(x, gate_up, down, ids, gates, activation)
+        ctx.activation, ctx.keep = activation, keep
+        if keep is None:
+            launch = carved_ffn_decode if path == "decode" else carved_ffn_prefill
+            return launch(x, gate_up, down, ids, gates, activation)
+        if path == "decode":
+            if down_rows is None:
+                down_rows = down.transpose(1, 2).contiguous()
+            counts = torch.tensor(keep, dtype=torch.int32, device=x.device)
+            return carved_ffn_decode_kept(x, gate_up, down_rows, ids, gates, counts, activation)
+        # MoNE at prefill: tokens keep different neurons, so a grouped GEMM computes them all
+        # anyway; the PyTorch path's masked grouped matmuls do exactly that.
+        return carved_ffn_torch(x, gate_up, down, ids, gates, activation, "prefill", keep)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -407,10 +566,12 @@ class CarvedFFNFunction(torch.autograd.Function):
         gates_leaf = gates.detach().requires_grad_(need[4])
         wanted = [t for t in (*leaves, gates_leaf) if t.requires_grad]
         with torch.enable_grad():
-            y = carved_ffn_torch(*leaves, ids, gates_leaf, ctx.activation)
+            y = carved_ffn_torch(
+                *leaves, ids, gates_leaf, ctx.activation, "prefill", neuron_keep=ctx.keep
+            )
         grads = iter(torch.autograd.grad(y, wanted, grad_y))
         gx, ggu, gdn, gg = (next(grads) if t.requires_grad else None for t in (*leaves, gates_leaf))
-        return gx, ggu, gdn, None, gg, None, None
+        return gx, ggu, gdn, None, gg, None, None, None, None
 
 
 def carved_ffn_triton(
@@ -421,13 +582,18 @@ def carved_ffn_triton(
     gates: torch.Tensor,
     activation: str = "silu",
     path: str = "auto",
+    neuron_keep=None,
+    down_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The carved FFN with the Triton kernels; same contract as `cmoe_kernels.carved_ffn`.
 
     `path` forces "decode" (gather-GEMV) or "prefill" (grouped GEMM); "auto" takes decode up to
-    DECODE_MAX_TOKENS tokens.
+    DECODE_MAX_TOKENS tokens. With `neuron_keep` (MoNE), decode runs the kept-rows kernels
+    (reading `down_rows`, the [E, m, D] copy of down, when given) and prefill the PyTorch
+    path's masked grouped matmuls.
     """
-    T, D, *_ = check_inputs(x, gate_up, down, ids, gates)
+    T, D, E, m, _ = check_inputs(x, gate_up, down, ids, gates)
+    keep = expert_keep(neuron_keep, E, m)
     torch_activation(activation)  # ValueError naming the choices for an unknown activation
     if path == "auto":
         path = "decode" if T <= DECODE_MAX_TOKENS else "prefill"
@@ -437,4 +603,9 @@ def carved_ffn_triton(
         return x.new_zeros(0, D)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     ids, gates = ids.contiguous(), gates.contiguous()
-    return CarvedFFNFunction.apply(x, gate_up, down, ids, gates, activation, path)
+    if keep is None:
+        return CarvedFFNFunction.apply(x, gate_up, down, ids, gates, activation, path)
+    if down_rows is not None and tuple(down_rows.shape) != (E, m, D):
+        raise ValueError(f"down_rows must be [E, m, D] = {(E, m, D)}, got {tuple(down_rows.shape)}")
+    rows = None if down_rows is None else down_rows.contiguous()
+    return CarvedFFNFunction.apply(x, gate_up, down, ids, gates, activation, path, keep, rows)

@@ -61,3 +61,24 @@ def test_compensation_lowers_held_out_error():
         result = carve_model(model, calib_ids(8, 32), config, progress=False)
         errors[compensate] = sum(r.reconstruction_error for r in result.layers)
     assert errors[True] < errors[False]
+
+
+def test_compensation_is_the_mean_output_of_left_out_experts():
+    # The fit works on hidden activations (linear in W_down); check it against full outputs.
+    from cmoe_carve.carve import _fit_compensation
+    from cmoe_carve.modeling_cmoe import CarvedMLP
+    from cmoe_carve.router_fit import expert_outputs
+
+    model = tiny_model("llama")
+    carve_model(model, calib_ids(2, 16), CarveConfig(spec="S1A2E5", k_act=4, adaptive=False), progress=False)
+    carved = next(m for m in model.modules() if isinstance(m, CarvedMLP))
+    x = torch.randn(50, carved.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(4))
+    _fit_compensation(carved, x)
+    _, _, top = carved.route(x)
+    s = carved.num_shared
+    outs = expert_outputs(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
+    for e in range(carved.num_routed):
+        left_out = ~(top == e).any(-1)
+        assert 0 < left_out.sum() < x.shape[0]
+        expected = outs[left_out, e].mean(0)
+        torch.testing.assert_close(carved.expert_bias[e].float(), expected, rtol=1e-4, atol=1e-5)

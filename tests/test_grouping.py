@@ -1,10 +1,12 @@
 import itertools
 
+import pytest
 import torch
 
 from cmoe_carve.grouping import (
     balanced_assign,
     balanced_kmeans,
+    refine_assignment,
     group_neurons,
     representatives,
     select_shared,
@@ -38,6 +40,37 @@ def test_balanced_assign_sizes_exact_and_optimal():
 def test_balanced_assign_is_deterministic():
     cost = torch.rand(40, 5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(balanced_assign(cost), balanced_assign(cost.clone()))
+
+
+def test_refine_assignment_reaches_the_optimum_from_any_balanced_start():
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(6):
+        cost = torch.rand(6, 3, generator=gen, dtype=torch.float64)
+        start = torch.randperm(6, generator=gen) % 3  # balanced, arbitrary
+        labels = refine_assignment(cost, start)
+        assert torch.bincount(labels, minlength=3).tolist() == [2, 2, 2]
+        total = cost[torch.arange(6), labels].sum().item()
+        assert abs(total - brute_force_balanced(cost)) < 1e-9, trial
+    # Larger problems, with ties (integer costs): the same total cost as scipy's exact solve.
+    for trial in range(20):
+        k, size = 2 + trial % 6, 1 + trial
+        cost = torch.randint(0, 5 if trial % 2 else 1000, (k * size, k), generator=gen).double()
+        start = torch.randperm(k * size, generator=gen) % k
+        labels = refine_assignment(cost, start)
+        assert torch.bincount(labels, minlength=k).tolist() == [size] * k
+        exact = balanced_assign(cost)
+        rows = torch.arange(k * size)
+        assert cost[rows, labels].sum().item() == cost[rows, exact].sum().item(), trial
+
+
+def test_refine_assignment_keeps_an_optimal_start_and_reports_a_long_search():
+    cost = torch.rand(40, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    optimal = balanced_assign(cost)
+    assert torch.equal(refine_assignment(cost, optimal), optimal)  # no exchange improves it
+    start = torch.arange(40) % 5
+    assert refine_assignment(cost, start, max_rounds=0) is None
+    with pytest.raises(ValueError):
+        refine_assignment(cost, torch.zeros(40, dtype=torch.long))
 
 
 def test_kmeans_recovers_planted_balanced_clusters():

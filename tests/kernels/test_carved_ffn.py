@@ -92,3 +92,57 @@ def test_bad_inputs_name_the_argument(ffn):
         carved_ffn_torch(x, gate_up, down, ids, gates, activation="relu")
     with pytest.raises(ValueError, match="path="):
         carved_ffn_torch(x, gate_up, down, ids, gates, path="fast")
+
+
+# MoNE: neuron-granular selection inside each chosen expert.
+
+
+def keep_for(case, shared_full: bool) -> list[int]:
+    """Per-expert keep counts: about half of m, or (shared_full) m for expert 0 as a shared one."""
+    half = max(1, case.m // 2)
+    return [case.m if (shared_full and e == 0) else half for e in range(case.E)]
+
+
+@pytest.mark.parametrize("shared_full", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+def test_neuron_keep_forward_and_gradients(ffn, case, path, shared_full):
+    inputs = ffn.make_inputs(case)
+    keep = keep_for(case, shared_full)
+    down_rows = inputs[2].transpose(1, 2).contiguous()
+    for rows in (None, down_rows):
+        out = carved_ffn_torch(*inputs, path=path, neuron_keep=keep, down_rows=rows)
+        truth = carved_ffn_reference(*inputs, neuron_keep=keep)
+        torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
+    # Selection really changes the output (else the test above could not fail).
+    assert (truth - carved_ffn_reference(*inputs)).abs().max() > 1e-3
+    got = ffn.outputs_and_grads(carved_ffn_torch, inputs, path=path, neuron_keep=keep)
+    want = ffn.outputs_and_grads(carved_ffn_reference, inputs, neuron_keep=keep)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_neuron_keep_of_m_is_no_selection(ffn, case):
+    inputs = ffn.make_inputs(case)
+    for path in ("decode", "prefill"):
+        full = carved_ffn_torch(*inputs, path=path, neuron_keep=case.m)
+        assert torch.equal(full, carved_ffn_torch(*inputs, path=path))
+
+
+def test_neuron_keep_one_keeps_the_largest_gate(ffn):
+    # One expert, one token, keep 1: y = down[:, j] * act(g_j) * u_j for j = argmax |act(g)|.
+    case = ffn.case("one", T=1, D=8, E=1, m=6, K=1)
+    x, gate_up, down, ids, gates = ffn.make_inputs(case)
+    a = F.silu(gate_up[0, :6] @ x[0])
+    j = int(a.abs().argmax())
+    expected = gates[0, 0] * down[0, :, j] * a[j] * (gate_up[0, 6 + j] @ x[0])
+    for path in ("decode", "prefill"):
+        out = carved_ffn_torch(x, gate_up, down, ids, gates, path=path, neuron_keep=1)
+        torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_neuron_keep_bad_counts_are_rejected(ffn, case):
+    inputs = ffn.make_inputs(case)
+    with pytest.raises(ValueError, match="neuron_keep"):
+        carved_ffn_torch(*inputs, neuron_keep=case.m + 1)
+    with pytest.raises(ValueError, match="one count per expert"):
+        carved_ffn_torch(*inputs, neuron_keep=[1, 2])

@@ -98,3 +98,30 @@ def test_dispatch_picks_triton(ffn, monkeypatch):
     inputs = ffn.make_inputs(ffn.CASES[0], device=DEVICE)
     assert kernel_backend(inputs[0]) == "triton"
     assert torch.equal(carved_ffn(*inputs), carved_ffn_triton(*inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_neuron_keep(ffn, case, path, dtype):
+    # MoNE: expert 0 keeps every neuron (as a shared expert may), the others about half.
+    skip_long_decode(case, path)
+    inputs = ffn.make_inputs(case, dtype=dtype, device=DEVICE)
+    keep = [case.m] + [max(1, case.m // 2)] * (case.E - 1)
+    rows = inputs[2].transpose(1, 2).contiguous()
+    for down_rows in (None, rows):
+        out = carved_ffn_triton(*inputs, path=path, neuron_keep=keep, down_rows=down_rows)
+        assert out.dtype == dtype and out.shape == (case.T, case.D)
+        truth = carved_ffn_reference(*on_cpu_fp32(inputs), neuron_keep=keep)
+        baseline = carved_ffn_reference(*[t.cpu() for t in inputs], neuron_keep=keep)
+        ffn.assert_close_to_truth(out.cpu(), truth, baseline)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_neuron_keep_gradients(ffn, path):
+    case = ffn.CASES[1]  # odd sizes
+    inputs = ffn.make_inputs(case, device=DEVICE)
+    keep = max(1, case.m // 2)
+    got = ffn.outputs_and_grads(carved_ffn_triton, inputs, path=path, neuron_keep=keep)
+    truth = ffn.outputs_and_grads(carved_ffn_reference, on_cpu_fp32(inputs), neuron_keep=keep)
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(g.cpu(), t, rtol=1e-4, atol=1e-5)
