@@ -865,26 +865,46 @@ def run_bench(models: list[BenchModel], config: BenchConfig, progress: bool = Tr
 # From model references to a report; a profile of one decode
 
 
-def _load(ref: str | None, dtype: str, device: str):
+def _load(ref: str | None, dtype: str, device: str, **keep):
     from .loading import load_model
 
     if ref == DEFAULT_MODEL_REF and not os.path.exists(ref):
         ref = None
-    return load_model(ref, dtype=dtype, device=device)
+    keep = {k: v for k, v in keep.items() if v is not None}
+    return load_model(ref, dtype=dtype, device=device, **keep)
+
+
+def _described(item) -> str:
+    cmoe = getattr(item.model.config, "cmoe", None)
+    if not item.is_carved or not cmoe:
+        return item.description
+    routed, shared = cmoe.get("neuron_keep", 1.0), cmoe.get("shared_neuron_keep", 1.0)
+    if routed >= 1.0 and shared >= 1.0:
+        return item.description
+    return f"{item.description} (neuron keep {routed}/{shared})"
 
 
 def load_bench_models(
-    model_ref: str | None, compare_ref: str | None, *, dtype: str = "float32", device: str = "cpu"
+    model_ref: str | None,
+    compare_ref: str | None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    neuron_keep: float | None = None,
+    shared_neuron_keep: float | None = None,
 ) -> list[BenchModel]:
-    """The model to benchmark and its reference, labelled "carved"/"dense" by what they are."""
-    loaded = [_load(model_ref, dtype, device)]
+    """The model to benchmark and its reference, labelled "carved"/"dense" by what they are.
+    The keep ratios (MoNE) override the first model's only, so that a carved checkpoint can be
+    compared with itself without neuron selection."""
+    keep = {"neuron_keep": neuron_keep, "shared_neuron_keep": shared_neuron_keep}
+    loaded = [_load(model_ref, dtype, device, **keep)]
     if compare_ref is not None:
         loaded.append(_load(compare_ref, dtype, device))
     labels = ["carved" if item.is_carved else "dense" for item in loaded]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [labels[0], "reference"]
     return [
-        BenchModel(label, item.model, item.description, item.tokenizer)
+        BenchModel(label, item.model, _described(item), item.tokenizer)
         for label, item in zip(labels, loaded, strict=True)
     ]
 

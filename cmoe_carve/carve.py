@@ -92,7 +92,22 @@ class CarveConfig:
         },
     )
 
+    neuron_keep: float = field(
+        default=1.0,
+        metadata={
+            "help": "MoNE: fraction of each active routed expert's neurons a token keeps (largest "
+            "|act(gate x)|); 1.0 is off. Changeable later with `cmoe neuron-keep`"
+        },
+    )
+    shared_neuron_keep: float = field(
+        default=1.0, metadata={"help": "MoNE keep ratio of the shared experts; 1.0 is off"}
+    )
+
     def __post_init__(self):
+        from .mone import check_ratio
+
+        check_ratio(self.neuron_keep, "--neuron-keep")
+        check_ratio(self.shared_neuron_keep, "--shared-neuron-keep")
         self.layout: ExpertSpec = parse_spec(self.spec)
         self.spec = str(self.layout)
         if self.k_act < 1:
@@ -441,6 +456,10 @@ def carve_model(
             model.get_submodule(name).router.top_k = k
             report.top_k = k
         log.info("adaptive budgets (active routed experts per layer): %s", ks)
+    # MoNE applies from here on: the routers, budgets and report above see whole experts.
+    for name, _ in mlps:
+        carved = model.get_submodule(name)
+        carved.neuron_keep, carved.shared_neuron_keep = config.neuron_keep, config.shared_neuron_keep
 
     cmoe = {
         **config.to_dict(),

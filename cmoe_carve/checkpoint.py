@@ -100,6 +100,8 @@ def atomic_directory(out: Path, overwrite: bool):
 
 
 def model_card(cmoe: dict, meta: dict) -> str:
+    from .mone import ffn_active_fraction, ffn_read_fraction
+
     calib = meta.get("calibration", {})
     lines = [
         "---",
@@ -116,7 +118,8 @@ def model_card(cmoe: dict, meta: dict) -> str:
         f"| source model | {meta.get('source_model')} |",
         f"| spec | {cmoe['spec']}: {cmoe['num_shared']} shared + {cmoe['top_k'][0]} of "
         f"{cmoe['num_experts'] - cmoe['num_shared']} routed experts, {cmoe['expert_size']} neurons each |",
-        f"| active FFN fraction | {(cmoe['num_shared'] + sum(cmoe['top_k']) / len(cmoe['top_k'])) / cmoe['num_experts']:.3f} |",
+        f"| active FFN fraction | {ffn_active_fraction(cmoe):.3f} (FFN weights read per token: {ffn_read_fraction(cmoe):.3f}) |",
+        f"| neuron keep (MoNE) | routed {cmoe.get('neuron_keep', 1.0)}, shared {cmoe.get('shared_neuron_keep', 1.0)} |",
         f"| calibration text | {calib.get('description', calib)} |",
         f"| calibration tokens | {meta.get('calibration_tokens')} ({meta.get('calibration_windows')} x {meta.get('seqlen')}) |",
         f"| K_a, seed | {cmoe['k_act']}, {meta.get('seed')} |",

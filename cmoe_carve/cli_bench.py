@@ -55,6 +55,17 @@ def bench_command(
         None, "--threads", help="torch intra-op threads (default: torch's own setting).",
         show_default=False,
     ),
+    neuron_keep: Optional[float] = typer.Option(
+        None,
+        "--neuron-keep",
+        help="MoNE keep ratio of the routed experts of MODEL (not of --compare) for this run; "
+        "compare a checkpoint with itself to measure what neuron selection gains.",
+        show_default=False,
+    ),
+    shared_neuron_keep: Optional[float] = typer.Option(
+        None, "--shared-neuron-keep", help="MoNE keep ratio of MODEL's shared experts.",
+        show_default=False,
+    ),
     device: str = typer.Option("cpu", "--device", help="Device: cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(
         "float32", "--dtype", help="Weight dtype: float32, bfloat16 or float16."
@@ -91,7 +102,10 @@ def bench_command(
     )
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout)  # keep stdout for the JSON when it goes there
-    models = bench.load_bench_models(model, compare, dtype=dtype, device=device)
+    models = bench.load_bench_models(
+        model, compare, dtype=dtype, device=device,
+        neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
+    )
     report = bench.run_bench(models, config, progress=progress)
     console.print(main_table(report))
     if bench.LOOP_LABEL in report.labels:

@@ -49,6 +49,14 @@ def carve_command(
     balance: bool = typer.Option(
         False, help="Calibrate the selection bias so expert loads are even on calibration text."
     ),
+    neuron_keep: float = typer.Option(
+        1.0,
+        help="MoNE: fraction of each active routed expert's neurons a token keeps, by "
+        "|act(gate x)| (1.0: off). Change it later with `cmoe neuron-keep`.",
+    ),
+    shared_neuron_keep: float = typer.Option(
+        1.0, help="MoNE keep ratio of the shared experts (1.0: off)."
+    ),
     data_dir: Optional[str] = typer.Option(
         None,
         help="Local data directory laid out like wikitext-2-raw/, c4/ (else $CMOE_DATA_DIR).",
@@ -76,6 +84,8 @@ def carve_command(
         compensate=compensate,
         adaptive=adaptive,
         balance=balance,
+        neuron_keep=neuron_keep,
+        shared_neuron_keep=shared_neuron_keep,
     )
     path = carve(
         model,

@@ -63,6 +63,18 @@ def eval_command(
         help="Comma-separated lm-eval tasks (piqa,arc_easy,...), run through lm-evaluation-harness "
         "when it is installed (pip install lm-eval).",
     ),
+    neuron_keep: Optional[float] = typer.Option(
+        None,
+        "--neuron-keep",
+        help="MoNE keep ratio of the routed experts for this run, overriding the checkpoint's.",
+        show_default=False,
+    ),
+    shared_neuron_keep: Optional[float] = typer.Option(
+        None,
+        "--shared-neuron-keep",
+        help="MoNE keep ratio of the shared experts for this run, overriding the checkpoint's.",
+        show_default=False,
+    ),
     dtype: str = typer.Option(
         "float32", "--dtype", help="Weight dtype: float32, bfloat16 or float16."
     ),
@@ -91,6 +103,8 @@ def eval_command(
             batch_size=batch_size,
             data_dir=str(data_dir) if data_dir is not None else None,
             compare_ref=compare,
+            neuron_keep=neuron_keep,
+            shared_neuron_keep=shared_neuron_keep,
             dtype=dtype,
             device=device,
             progress=progress,
@@ -101,8 +115,13 @@ def eval_command(
     lm_results = {}
     if tasks:
         for ref in [model] + ([compare] if compare else []):
+            keep = (
+                {"neuron_keep": neuron_keep, "shared_neuron_keep": shared_neuron_keep}
+                if ref == model
+                else {}
+            )
             lm_results[ref or "default"] = evaluate.run_lm_eval(
-                ref, tasks, batch_size=batch_size, device=device, dtype=dtype
+                ref, tasks, batch_size=batch_size, device=device, dtype=dtype, **keep
             )
         console.print_json(data=lm_results)
     if json_out is not None:
@@ -111,6 +130,8 @@ def eval_command(
             lm_results,
             model=model,
             compare=compare,
+            neuron_keep=neuron_keep,
+            shared_neuron_keep=shared_neuron_keep,
             seqlen=seqlen,
             batch_size=batch_size,
             dtype=dtype,

@@ -10,7 +10,6 @@ import typer
 from .finetune import FinetuneConfig
 
 
-
 def _h(name: str) -> str:
     """The help of a FinetuneConfig field (kept with the field), as a sentence."""
     text = FinetuneConfig.help(name)
@@ -52,6 +51,10 @@ def finetune_command(
     overwrite: bool = typer.Option(
         False, help="Replace a non-empty --out directory, or a saved state when not resuming."
     ),
+    neuron_keep: Optional[float] = typer.Option(None, help=_h("neuron_keep"), show_default=False),
+    shared_neuron_keep: Optional[float] = typer.Option(
+        None, help=_h("shared_neuron_keep"), show_default=False
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Recover a carved model's quality: LoRA, router scale and load balancing, merged.
@@ -66,7 +69,7 @@ def finetune_command(
         lora_rank=lora_rank, lora_alpha=lora_alpha, gamma=gamma, schedule=schedule,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
-        save_every=save_every,
+        save_every=save_every, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
     )
     result = finetune(
         carved, out, config, data_dir=data_dir, resume=resume, overwrite=overwrite, cpu=cpu,

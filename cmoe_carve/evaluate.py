@@ -247,6 +247,8 @@ def evaluate_datasets(
     batch_size: int = 1,
     data_dir: str | None = None,
     compare_ref: str | None = None,
+    neuron_keep: float | None = None,
+    shared_neuron_keep: float | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
@@ -257,8 +259,12 @@ def evaluate_datasets(
     models are loaded one after the other, never both at once, to bound memory.
     """
     sources = [resolve_text(name, purpose="evaluation", data_dir=data_dir) for name in datasets]
-    loaded = _load_model(model_ref, dtype=dtype, device=device)
+    keep = _keep_overrides(neuron_keep, shared_neuron_keep)
+    loaded = _load_model(model_ref, dtype=dtype, device=device, **keep)
     tokenizer, description = loaded.tokenizer, loaded.description
+    if neuron_keep is not None or shared_neuron_keep is not None:
+        description += f" (neuron keep {loaded.model.config.cmoe.get('neuron_keep', 1.0)}/" \
+            f"{loaded.model.config.cmoe.get('shared_neuron_keep', 1.0)})"
     all_windows = [eval_windows(tokenizer, source, seqlen, max_windows) for source in sources]
     results = [
         perplexity(loaded.model, windows, batch_size, progress, description=source.dataset)
@@ -295,12 +301,18 @@ def evaluate_datasets(
 DEFAULT_MODEL_REF = "default"  # names the built-in default model where None cannot be passed
 
 
-def _load_model(ref: str | None, *, dtype: str, device: str):
+def _load_model(ref: str | None, *, dtype: str, device: str, **keep):
     from .loading import load_model  # imported here: loading pulls in GGUF and carved-model code
 
     if ref == DEFAULT_MODEL_REF and not Path(ref).exists():
         ref = None
-    return load_model(ref, dtype=dtype, device=device)
+    return load_model(ref, dtype=dtype, device=device, **keep)
+
+
+def _keep_overrides(neuron_keep: float | None, shared_neuron_keep: float | None) -> dict:
+    """The MoNE keep ratios the caller set, as load_model keywords (none when unset)."""
+    keep = {"neuron_keep": neuron_keep, "shared_neuron_keep": shared_neuron_keep}
+    return {k: v for k, v in keep.items() if v is not None}
 
 
 def _require_same_tokenizer(ours, theirs, sources: list[TextSource], name: str, other: str) -> None:
@@ -338,6 +350,8 @@ def run_lm_eval(
     dtype: str = "float32",
     num_fewshot: int | None = None,
     limit: int | float | None = None,
+    neuron_keep: float | None = None,
+    shared_neuron_keep: float | None = None,
 ) -> dict[str, dict]:
     """Downstream tasks through lm-eval's `hf` backend; returns {task: {metric: value}}.
 
@@ -351,7 +365,13 @@ def run_lm_eval(
     if not task_list:
         raise CmoeError("no lm-eval task named: pass --tasks piqa,arc_easy,...")
     common = dict(tasks=task_list, batch_size=batch_size, num_fewshot=num_fewshot, limit=limit)
-    by_name = model_ref not in (None, DEFAULT_MODEL_REF) and not model_ref.lower().endswith(".gguf")
+    keep = _keep_overrides(neuron_keep, shared_neuron_keep)
+    by_name = (
+        model_ref not in (None, DEFAULT_MODEL_REF)
+        and not model_ref.lower().endswith(".gguf")
+        and neuron_keep is None
+        and shared_neuron_keep is None
+    )
     if by_name:
         model_args = f"pretrained={model_ref},trust_remote_code=True,dtype={dtype}"
         logger.info(
@@ -361,7 +381,7 @@ def run_lm_eval(
     else:
         from lm_eval.models.huggingface import HFLM
 
-        loaded = _load_model(model_ref, dtype=dtype, device=device)
+        loaded = _load_model(model_ref, dtype=dtype, device=device, **keep)
         logger.info("lm-eval hf backend on %s, tasks %s", loaded.description, ",".join(task_list))
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(model=lm, **common)

@@ -131,6 +131,15 @@ class FinetuneConfig:
     save_every: int = field(
         default=50, metadata={"help": "optimizer steps between resumable state saves (0: never)"}
     )
+    neuron_keep: float | None = field(
+        default=None,
+        metadata={"help": "MoNE keep ratio of the routed experts to train (and save) with; "
+                  "default: the checkpoint's"},
+    )
+    shared_neuron_keep: float | None = field(
+        default=None,
+        metadata={"help": "MoNE keep ratio of the shared experts; default: the checkpoint's"},
+    )
 
     def __post_init__(self):
         _choice(self.mode, Mode, "--mode")
@@ -171,6 +180,12 @@ class FinetuneConfig:
                 f"adam_beta1 and adam_beta2 must lie in [0, 1), got {self.adam_beta1}, "
                 f"{self.adam_beta2}"
             )
+        from .mone import check_ratio
+
+        if self.neuron_keep is not None:
+            check_ratio(self.neuron_keep, "--neuron-keep")
+        if self.shared_neuron_keep is not None:
+            check_ratio(self.shared_neuron_keep, "--shared-neuron-keep")
         if not 0 <= self.warmup_ratio < 1:
             raise FinetuneError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
 
@@ -411,6 +426,10 @@ def finetune(
     config = config or FinetuneConfig()
     carved_dir, out = Path(carved_dir), Path(out)
     cmoe = read_cmoe_config(carved_dir)
+    # Training with MoNE on: gradients reach the kept neurons only, as at inference.
+    for key in ("neuron_keep", "shared_neuron_keep"):
+        if getattr(config, key) is not None:
+            cmoe = {**cmoe, key: getattr(config, key)}
     check_output_dir(out, overwrite)
     state_file = state_path(out)
     if state_file.exists() and not resume and not overwrite:
@@ -473,12 +492,14 @@ class _Run:
         from transformers import AutoTokenizer
 
         from .data import calibration_windows, resolve_text
+        from .mone import set_neuron_keep
 
         accelerator = Accelerator(mixed_precision=_precision(config, cpu), cpu=cpu)
         set_seed(config.seed)
         # The tokenizer needs none of the checkpoint's remote code: never prompt for it.
         tokenizer = AutoTokenizer.from_pretrained(carved_dir, trust_remote_code=False)
         model = load_carved(carved_dir, dtype="float32", device="cpu")
+        set_neuron_keep(model, cmoe.get("neuron_keep"), cmoe.get("shared_neuron_keep"))
         source = resolve_text(config.data, purpose="calibration", data_dir=data_dir)
         windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed)
         plan = step_plan(len(windows), config.batch_size, config.grad_accum, config.epochs,

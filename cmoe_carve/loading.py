@@ -151,24 +151,36 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     device_map: str | None = None,
+    neuron_keep: float | None = None,
+    shared_neuron_keep: float | None = None,
 ) -> LoadedModel:
     """Load a dense or carved causal LM and its tokenizer.
 
     `ref`: a hub id, a local directory (dense or carved), a `.gguf` file, or None for the
     built-in default. `device_map` (e.g. "auto") hands placement to accelerate.
+    `neuron_keep` / `shared_neuron_keep`: MoNE keep ratios overriding a carved checkpoint's.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
     path, description = resolve_model_path(ref)
     placement = {"device_map": device_map} if device_map else {}
+    overrides = neuron_keep is not None or shared_neuron_keep is not None
     if Path(path).is_dir() and is_carved_dir(Path(path)):
         from .checkpoint import load_carved
+        from .mone import set_neuron_keep
 
         model = load_carved(path, dtype=dtype, device=device, device_map=device_map)
+        if overrides:
+            set_neuron_keep(model, neuron_keep, shared_neuron_keep)
         # The config's auto_map names our modeling code, not a tokenizer: never ask about it.
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         return LoadedModel(model, tokenizer, f"carved checkpoint {path}", ref or path, True)
+    if overrides:
+        raise ModelError(
+            f"--neuron-keep applies to carved checkpoints and {ref or 'the default model'} is "
+            "dense: carve it first (cmoe carve) or drop the option"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)

@@ -185,18 +185,21 @@ class CarvedMLP(nn.Module):
         shared, routed = keep_count(self.shared_neuron_keep, m), keep_count(self.neuron_keep, m)
         return [shared] * self.num_shared + [routed] * self.num_routed
 
-    def _down_rows(self, num_tokens: int) -> torch.Tensor | None:
-        """down_proj as [E, m, D] rows, for MoNE at decode: reading the kept neurons' rows of
-        that copy touches only their bytes (columns of [E, D, m] are strided). Made once per
-        weight version; not made for training or prefill, which use the masked path."""
-        weight = self.down_proj
-        if num_tokens > 1 or (weight.requires_grad and torch.is_grad_enabled()):
+    def _neuron_rows(self, num_tokens: int) -> torch.Tensor | None:
+        """[E, m, 2D]: each neuron's up row and down column side by side, for MoNE at decode:
+        one gather then fetches just the kept neurons' bytes (columns of down_proj [E, D, m]
+        are strided). Made once per weight version (it costs 2/3 of the experts' memory
+        again); not for training or prefill, which use the masked grouped path."""
+        if num_tokens > 1 or (self.down_proj.requires_grad and torch.is_grad_enabled()):
             return None
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        cached = self.__dict__.get("_down_rows_cache")
+        up, down = self.gate_up_proj, self.down_proj
+        key = (up.data_ptr(), up._version, down.data_ptr(), down._version, down.device, down.dtype)
+        cached = self.__dict__.get("_neuron_rows_cache")
         if cached is None or cached[0] != key:
-            cached = (key, weight.detach().transpose(1, 2).contiguous())
-            self.__dict__["_down_rows_cache"] = cached
+            m = self.expert_size
+            rows = torch.cat([up.detach()[:, m:], down.detach().transpose(1, 2)], dim=2)
+            cached = (key, rows.contiguous())
+            self.__dict__["_neuron_rows_cache"] = cached
         return cached[1]
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -208,7 +211,7 @@ class CarvedMLP(nn.Module):
                 return _fast_carved_ffn(x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act)
             return _fast_carved_ffn(
                 x, self.gate_up_proj, self.down_proj, ids, gates, kernel_act,
-                neuron_keep=keep, down_rows=self._down_rows(x.shape[0]),
+                neuron_keep=keep, rows_2d=self._neuron_rows(x.shape[0]),
             )
         return experts_forward_torch(
             x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn, keep

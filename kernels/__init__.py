@@ -18,7 +18,7 @@ import torch
 
 from ._common import ACTIVATIONS, Activation
 from .reference import carved_ffn_reference, per_expert_loop
-from .torch_path import carved_ffn_torch
+from .torch_path import carved_ffn_torch, neuron_rows
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,6 +28,7 @@ __all__ = [
     "carved_ffn_torch",
     "carved_ffn_triton",
     "kernel_backend",
+    "neuron_rows",
     "per_expert_loop",
     "triton_available",
 ]
@@ -86,7 +87,7 @@ def carved_ffn(
     gates: torch.Tensor,
     activation: Activation = "silu",
     neuron_keep=None,
-    down_rows: torch.Tensor | None = None,
+    rows_2d: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FFN of a carved MoE layer: every token through its chosen experts, gated and summed.
 
@@ -104,8 +105,9 @@ def carved_ffn(
             for every expert, or E counts (e.g. shared experts keep more). Each token keeps, in
             each chosen expert, the neuron_keep[e] neurons of largest |act(W_gate[e] x_t)|; the
             others contribute nothing (and receive no gradient).
-        down_rows: optional [E, m, D] row-major copy of `down`, used by the decode paths with
-            neuron_keep to read only the kept neurons' bytes of the down projection.
+        rows_2d: optional [E, m, 2D] neuron-major copy of the up rows and down columns
+            (`neuron_rows(gate_up, down)`), which the decode paths with neuron_keep read so that
+            only the kept neurons' bytes are fetched; made per call when absent (slow).
 
     Returns:
         y: [T, D] in x.dtype, y[t] = sum_k gates[t, k] * down[e] @ (act(W_gate[e] x_t) *
@@ -119,8 +121,8 @@ def carved_ffn(
         return carved_ffn_torch(x, gate_up, down, ids, gates, activation)
     if kernel_backend(x) == "triton":
         return carved_ffn_triton(
-            x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, down_rows=down_rows
+            x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, rows_2d=rows_2d
         )
     return carved_ffn_torch(
-        x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, down_rows=down_rows
+        x, gate_up, down, ids, gates, activation, neuron_keep=neuron_keep, rows_2d=rows_2d
     )

@@ -61,37 +61,49 @@ def _decode(x, gate_up, down, ids, gates, act) -> torch.Tensor:
     return torch.stack(rows).to(x.dtype)  # [T, D]
 
 
-def _decode_kept(x, gate_up, down, ids, gates, act, keep, down_rows) -> torch.Tensor:
-    """Decode with MoNE: per chosen expert, the gate rows give act(gate x); only the rows of up,
-    and of down (from its row-major copy `down_rows` [E, m, D] when given), of the kept neurons
-    are read. The K experts of a token are handled by a few batched ops, not a loop of small
-    ones: at decode each op costs microseconds, as much as the bytes MoNE saves."""
+def neuron_rows(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The [E, m, 2D] neuron-major copy MoNE decode reads: row j of expert e holds neuron j's up
+    row, then its down column. One gather then fetches both halves of each kept neuron."""
+    m = down.shape[-1]
+    return torch.cat([gate_up[:, m:], down.transpose(1, 2)], dim=2).contiguous()
+
+
+def _decode_kept(x, gate_up, down, ids, gates, act, keep, rows_2d) -> torch.Tensor:
+    """Decode with MoNE. Experts that keep every neuron run as in `_decode`; for the others the
+    gate rows give act(gate x), and only the kept neurons' rows are read: their up and down
+    halves from `rows_2d` ([E, m, 2D], see `neuron_rows`; made here when not given, which costs
+    a copy of the weights per call). The selecting experts are handled by a fixed number of
+    batched ops: at one token each op costs a few microseconds, as much as selection saves.
+    """
     E, D, m = down.shape
-    gate_rows = gate_up[:, :m]  # [E, m, D] views
-    flat_gate_up = gate_up.reshape(E * 2 * m, D)
-    rows = []
+    gu, dn = _expert_views(gate_up), _expert_views(down)
+    if rows_2d is None:
+        rows_2d = neuron_rows(gate_up, down)
+    flat = rows_2d.reshape(E * m, 2 * D)
+    out_rows = []
     for t, experts in enumerate(ids.tolist()):  # one host sync; T <= DECODE_MAX_TOKENS here
-        e = ids[t]
-        a = act(torch.stack([torch.mv(gate_rows[i], x[t]) for i in experts]))  # [K, m]
-        out = torch.zeros(D, dtype=torch.float32, device=x.device)
-        for count in sorted({keep[i] for i in experts}):  # shared and routed may differ
-            sel = [k for k, i in enumerate(experts) if keep[i] == count]
-            part = slice(None) if len(sel) == len(experts) else torch.tensor(sel, device=x.device)
-            ak, ek = a[part], e[part]
-            idx = torch.topk(ak.abs(), count, dim=-1).indices  # [k, count] kept neurons
-            up = flat_gate_up.index_select(0, (idx + (ek * 2 * m + m)[:, None]).reshape(-1))
-            h = ak.gather(1, idx) * (up @ x[t]).view_as(idx) * gates[t, part, None].to(a.dtype)
-            flat = (idx + (ek * m)[:, None]).reshape(-1)  # rows of the kept neurons
-            if down_rows is not None:
-                w = down_rows.reshape(E * m, D)
-                out += F.embedding_bag(
-                    flat[None], w, per_sample_weights=h.reshape(-1)[None].to(w.dtype), mode="sum"
-                )[0].float()
-            else:
-                cols = down.permute(0, 2, 1).reshape(E * m, D)  # a strided gather: correct, slower
-                out += (h.reshape(-1)[None] @ cols[flat]).squeeze(0).float()
-        rows.append(out)
-    return torch.stack(rows).to(x.dtype)
+        xt, gt = x[t], gates[t].float()
+        groups: dict[int, list[int]] = {}
+        for slot, e in enumerate(experts):
+            groups.setdefault(keep[e], []).append(slot)
+        parts = []
+        for count, slots in groups.items():
+            chosen = [experts[k] for k in slots]
+            if count == m:  # no selection in these experts (e.g. shared ones kept whole)
+                for k, e in zip(slots, chosen):
+                    h = torch.mv(gu[e], xt)
+                    parts.append(torch.mv(dn[e], act(h[:m]) * h[m:]).float() * gt[k])
+                continue
+            whole = len(slots) == len(experts)
+            a = act(torch.stack([torch.mv(gu[e][:m], xt) for e in chosen]))  # [n, m]
+            idx = torch.topk(a.abs(), count, dim=-1, sorted=False).indices  # [n, count]
+            chosen_ids = ids[t] if whole else ids[t, slots]
+            sel = flat.index_select(0, torch.add(idx, chosen_ids[:, None], alpha=m).view(-1))
+            g = (gt if whole else gt[slots]).to(a.dtype)
+            h = (a.gather(1, idx) * g[:, None]).view(-1) * (sel[:, :D] @ xt)  # [n * count]
+            parts.append((h @ sel[:, D:]).float())
+        out_rows.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+    return torch.stack(out_rows).to(x.dtype)
 
 
 def _expert(x, w_gate_up, w_down, act, keep: int | None = None) -> torch.Tensor:
@@ -153,7 +165,7 @@ def carved_ffn_torch(
     activation: str = "silu",
     path: TorchPath = "auto",
     neuron_keep=None,
-    down_rows: torch.Tensor | None = None,
+    rows_2d: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The carved FFN with PyTorch ops; same contract as `cmoe_kernels.carved_ffn`.
 
@@ -169,7 +181,7 @@ def carved_ffn_torch(
         path = "decode" if T <= DECODE_MAX_TOKENS else "prefill"
     if path == "decode":
         if keep is not None:
-            return _decode_kept(x, gate_up, down, ids, gates, act, keep, down_rows)
+            return _decode_kept(x, gate_up, down, ids, gates, act, keep, rows_2d)
         return _decode(x, gate_up, down, ids, gates, act)
     if path == "prefill":
         return _prefill(x, gate_up, down, ids, gates, act, keep)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_inputs, expert_keep, torch_activation
-from .torch_path import carved_ffn_torch
+from .torch_path import carved_ffn_torch, neuron_rows
 
 # Decode (gather-GEMV) up to this many tokens, prefill (grouped GEMM) above. Untuned (no GPU
 # here): the GEMV re-reads an expert's weights for every token that chose it, the grouped GEMM
@@ -207,7 +207,7 @@ def _decode_up_kept_kernel(
 @triton.jit
 def _decode_down_kept_kernel(
     h_ptr,
-    down_rows_ptr,
+    rows_ptr,
     ids_ptr,
     kept_ptr,
     count_ptr,
@@ -219,8 +219,8 @@ def _decode_down_kept_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """MoNE, step 3: y[t, block of D] = sum_k sum_j h[p, j] * down_rows[e_p, n_j, block]: only
-    the kept neurons' rows of the [E, m, D] copy of W_down, summed in a fixed order."""
+    """MoNE, step 3: y[t, block of D] = sum_k sum_j h[p, j] * W_down[e_p][block, n_j], read from
+    the down halves of the kept neurons' rows of rows [E, m, 2D]; a fixed summation order."""
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -234,7 +234,7 @@ def _decode_down_kept_kernel(
             valid = offs_j < count
             neuron = tl.load(kept_ptr + pair * KMAX + offs_j, mask=valid, other=0)
             hv = tl.load(h_ptr + pair * KMAX + offs_j, mask=valid, other=0.0)
-            w = down_rows_ptr + (expert * m + neuron[:, None]) * D + offs_d[None, :]
+            w = rows_ptr + (expert * m + neuron[:, None]) * 2 * D + D + offs_d[None, :]
             wv = tl.load(w, mask=valid[:, None] & mask_d[None, :], other=0.0)
             acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
     tl.store(y_ptr + token * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
@@ -490,7 +490,7 @@ def carved_ffn_prefill(
 def carved_ffn_decode_kept(
     x: torch.Tensor,
     gate_up: torch.Tensor,
-    down_rows: torch.Tensor,
+    rows_2d: torch.Tensor,
     ids: torch.Tensor,
     gates: torch.Tensor,
     keep: torch.Tensor,
@@ -499,7 +499,7 @@ def carved_ffn_decode_kept(
     """MoNE decode: gate GEMV, top-k of |act| per (token, expert) in PyTorch, then the up and
     down GEMVs on the kept rows only. keep [E] int32 neurons kept per expert."""
     T, D = x.shape
-    E, m, K = down_rows.shape[0], down_rows.shape[1], ids.shape[1]
+    E, m, K = rows_2d.shape[0], rows_2d.shape[1], ids.shape[1]
     a = torch.empty(T * K, m, dtype=torch.float32, device=x.device)
     block_m, block_d = (16, 32) if _INTERPRETED else (16, 256)
     _decode_gate_kernel[(T * K, triton.cdiv(m, block_m))](
@@ -518,7 +518,7 @@ def carved_ffn_decode_kept(
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     block_d2 = 32 if _INTERPRETED else 128
     _decode_down_kept_kernel[(T, triton.cdiv(D, block_d2))](
-        h, down_rows, ids, kept, count, y, D, m, K, kmax, BLOCK_D=block_d2, BLOCK_J=block_j,
+        h, rows_2d, ids, kept, count, y, D, m, K, kmax, BLOCK_D=block_d2, BLOCK_J=block_j,
     )
     return y
 
@@ -530,7 +530,7 @@ def _(x, gate_up, down, ids, gates, activation):
 
 
 @carved_ffn_decode_kept.register_fake
-def _(x, gate_up, down_rows, ids, gates, keep, activation):
+def _(x, gate_up, rows_2d, ids, gates, keep, activation):
     return x.new_empty(x.shape)
 
 
@@ -543,17 +543,17 @@ class CarvedFFNFunction(torch.autograd.Function):
     """Triton forward; backward by recomputing with the PyTorch path (documented fallback)."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, ids, gates, activation, path, keep=None, down_rows=None):
+    def forward(ctx, x, gate_up, down, ids, gates, activation, path, keep=None, rows_2d=None):
         ctx.save_for_backward(x, gate_up, down, ids, gates)
         ctx.activation, ctx.keep = activation, keep
         if keep is None:
             launch = carved_ffn_decode if path == "decode" else carved_ffn_prefill
             return launch(x, gate_up, down, ids, gates, activation)
         if path == "decode":
-            if down_rows is None:
-                down_rows = down.transpose(1, 2).contiguous()
+            if rows_2d is None:
+                rows_2d = neuron_rows(gate_up, down)
             counts = torch.tensor(keep, dtype=torch.int32, device=x.device)
-            return carved_ffn_decode_kept(x, gate_up, down_rows, ids, gates, counts, activation)
+            return carved_ffn_decode_kept(x, gate_up, rows_2d, ids, gates, counts, activation)
         # MoNE at prefill: tokens keep different neurons, so a grouped GEMM computes them all
         # anyway; the PyTorch path's masked grouped matmuls do exactly that.
         return carved_ffn_torch(x, gate_up, down, ids, gates, activation, "prefill", keep)
@@ -583,13 +583,13 @@ def carved_ffn_triton(
     activation: str = "silu",
     path: str = "auto",
     neuron_keep=None,
-    down_rows: torch.Tensor | None = None,
+    rows_2d: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The carved FFN with the Triton kernels; same contract as `cmoe_kernels.carved_ffn`.
 
     `path` forces "decode" (gather-GEMV) or "prefill" (grouped GEMM); "auto" takes decode up to
     DECODE_MAX_TOKENS tokens. With `neuron_keep` (MoNE), decode runs the kept-rows kernels
-    (reading `down_rows`, the [E, m, D] copy of down, when given) and prefill the PyTorch
+    (reading the down halves of `rows_2d`, see `neuron_rows`) and prefill the PyTorch
     path's masked grouped matmuls.
     """
     T, D, E, m, _ = check_inputs(x, gate_up, down, ids, gates)
@@ -605,7 +605,7 @@ def carved_ffn_triton(
     ids, gates = ids.contiguous(), gates.contiguous()
     if keep is None:
         return CarvedFFNFunction.apply(x, gate_up, down, ids, gates, activation, path)
-    if down_rows is not None and tuple(down_rows.shape) != (E, m, D):
-        raise ValueError(f"down_rows must be [E, m, D] = {(E, m, D)}, got {tuple(down_rows.shape)}")
-    rows = None if down_rows is None else down_rows.contiguous()
+    if rows_2d is not None and tuple(rows_2d.shape) != (E, m, 2 * D):
+        raise ValueError(f"rows_2d must be [E, m, 2D] = {(E, m, 2 * D)}, got {tuple(rows_2d.shape)}")
+    rows = None if rows_2d is None else rows_2d.contiguous()
     return CarvedFFNFunction.apply(x, gate_up, down, ids, gates, activation, path, keep, rows)

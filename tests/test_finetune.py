@@ -221,3 +221,20 @@ def test_config_errors_name_the_fields():
         step_plan(3, batch_size=2, grad_accum=1, epochs=1, world=2, seed=0)
     plan = step_plan(10, batch_size=2, grad_accum=2, epochs=2, world=1, seed=0)
     assert [len(step) for step in plan] == [2, 2, 1, 2, 2, 1]  # 5 micro-batches per epoch
+
+
+def test_finetune_with_neuron_selection_keeps_the_ratio(carved):
+    # MoNE during training: gradients reach the experts through the kept neurons only.
+    out = carved / "mone"
+    seen = {}
+
+    def callback(info):
+        mlps = [m for m in info.model.modules() if isinstance(m, CarvedMLP)]
+        seen["keep"] = {m.neuron_keep for m in mlps}
+
+    result = finetune(carved / "carved", out, tiny_config(carved, samples=2, neuron_keep=0.5),
+                      progress=False, step_callback=callback)
+    assert seen["keep"] == {0.5} and result.loss_last == result.loss_last  # finite, not NaN
+    cmoe = json.loads((out / "config.json").read_text())["cmoe"]
+    assert cmoe["neuron_keep"] == 0.5
+    assert all(m.neuron_keep == 0.5 for m in load_carved(out).modules() if isinstance(m, CarvedMLP))

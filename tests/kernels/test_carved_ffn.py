@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cmoe_kernels import carved_ffn_reference, carved_ffn_torch, per_expert_loop
+from cmoe_kernels import carved_ffn_reference, carved_ffn_torch, neuron_rows, per_expert_loop
 
 PATHS = ["decode", "prefill", "auto"]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -108,9 +108,8 @@ def keep_for(case, shared_full: bool) -> list[int]:
 def test_neuron_keep_forward_and_gradients(ffn, case, path, shared_full):
     inputs = ffn.make_inputs(case)
     keep = keep_for(case, shared_full)
-    down_rows = inputs[2].transpose(1, 2).contiguous()
-    for rows in (None, down_rows):
-        out = carved_ffn_torch(*inputs, path=path, neuron_keep=keep, down_rows=rows)
+    for rows in (None, neuron_rows(inputs[1], inputs[2])):
+        out = carved_ffn_torch(*inputs, path=path, neuron_keep=keep, rows_2d=rows)
         truth = carved_ffn_reference(*inputs, neuron_keep=keep)
         torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
     # Selection really changes the output (else the test above could not fail).

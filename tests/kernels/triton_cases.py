@@ -19,6 +19,7 @@ from cmoe_kernels import (
     carved_ffn_reference,
     carved_ffn_triton,
     kernel_backend,
+    neuron_rows,
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,9 +108,9 @@ def test_neuron_keep(ffn, case, path, dtype):
     skip_long_decode(case, path)
     inputs = ffn.make_inputs(case, dtype=dtype, device=DEVICE)
     keep = [case.m] + [max(1, case.m // 2)] * (case.E - 1)
-    rows = inputs[2].transpose(1, 2).contiguous()
-    for down_rows in (None, rows):
-        out = carved_ffn_triton(*inputs, path=path, neuron_keep=keep, down_rows=down_rows)
+    rows = neuron_rows(inputs[1], inputs[2])
+    for rows_2d in (None, rows):
+        out = carved_ffn_triton(*inputs, path=path, neuron_keep=keep, rows_2d=rows_2d)
         assert out.dtype == dtype and out.shape == (case.T, case.D)
         truth = carved_ffn_reference(*on_cpu_fp32(inputs), neuron_keep=keep)
         baseline = carved_ffn_reference(*[t.cpu() for t in inputs], neuron_keep=keep)
