@@ -7,6 +7,8 @@ Sweeps the number of tokens for one FFN shape carved at S2A2E16 and S3A3E8 and t
   gather-bmm   the first idea for decode: copy the chosen experts' weights, then bmm (T <= 16)
   torch        `carved_ffn_torch`, the PyTorch path
   triton       `carved_ffn_triton`, the Triton kernels (CUDA only)
+  torch+keep   with --neuron-keep R: the PyTorch path with MoNE neuron selection (decode only,
+  triton+keep  T <= 16), reading the kept neurons' rows of a neuron-major weight copy
 
 Weights are streamed from memory, not cached: every provider runs over a ring of distinct layers
 whose weights total --ring-mb (default 1024 MB, beyond any cache), and the time per layer is the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -98,6 +101,20 @@ class Job:
     times: list[float] = field(default_factory=list)
 
 
+def keep_count(ratio: float, m: int) -> int:
+    return max(1, min(m, math.ceil(ratio * m - 1e-9)))
+
+
+def _with_keep(fn: Callable, ratio: float) -> Callable:
+    """fn with MoNE: each expert keeps ceil(ratio * m) neurons; the ring passes rows_2d last."""
+
+    def run(x, gate_up, down, ids, gates, rows_2d):
+        keep = keep_count(ratio, down.shape[-1])
+        return fn(x, gate_up, down, ids, gates, neuron_keep=keep, rows_2d=rows_2d)
+
+    return run
+
+
 def time_jobs(jobs: list[Job], device: torch.device, args) -> None:
     """Seconds per layer of each job, passes interleaved across jobs.
 
@@ -147,13 +164,10 @@ def bench_shape(args, device: torch.device) -> list[Row]:
     for layout in args.layouts:
         S, A, E, m = parse_layout(layout, N)
         n_layers = ring_length(3 * D * N * size, args.ring_mb)
-        carved[layout] = (
-            S,
-            A,
-            E,
-            m,
-            [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)],
-        )
+        layers = [(randn(E, 2 * m, D), randn(E, D, m)) for _ in range(n_layers)]
+        if args.neuron_keep < 1.0:  # the neuron-major copy MoNE decode reads, made once
+            layers = [(gu, dn, cmoe_kernels.neuron_rows(gu, dn)) for gu, dn in layers]
+        carved[layout] = (S, A, E, m, layers)
     providers: dict[str, Callable] = {
         "loop": per_expert_loop,
         "gather-bmm": gather_bmm,
@@ -161,6 +175,10 @@ def bench_shape(args, device: torch.device) -> list[Row]:
     }
     if device.type == "cuda" and cmoe_kernels.triton_available():
         providers["triton"] = cmoe_kernels.carved_ffn_triton
+    if args.neuron_keep < 1.0:
+        for name in list(providers):
+            if name in ("torch", "triton"):
+                providers[f"{name}+keep"] = _with_keep(providers[name], args.neuron_keep)
 
     rows: list[Row] = []
     for T in args.tokens:
@@ -180,14 +198,21 @@ def bench_shape(args, device: torch.device) -> list[Row]:
             active = torch.unique(ids).numel() * 3 * D * m * size  # union of the chosen experts
             flops = 2 * T * (S + A) * 3 * D * m
             for name, fn in providers.items():
-                if name not in args.providers:
+                if name.split("+")[0] not in args.providers:
                     continue
-                if (name == "gather-bmm" and T > 16) or (
+                if (name in ("gather-bmm", "torch+keep", "triton+keep") and T > 16) or (
                     name == "loop" and T > args.loop_max_tokens
                 ):
                     continue
-                ring = [(x, gu, dn, ids, gates) for gu, dn in weights]
-                jobs.append(Job(layout, name, fn, ring, active, flops))
+                kept = name.endswith("+keep")
+                ring = [(x, w[0], w[1], ids, gates, *w[2:]) if kept else (x, w[0], w[1], ids, gates)
+                        for w in weights]
+                if kept:  # every gate row of an active expert, the kept rows of up and down
+                    k = keep_count(args.neuron_keep, m)
+                    job_bytes, job_flops = active * (m + 2 * k) // (3 * m), flops * (m + 2 * k) // (3 * m)
+                else:
+                    job_bytes, job_flops = active, flops
+                jobs.append(Job(layout, name, fn, ring, job_bytes, job_flops))
         time_jobs(jobs, device, args)
         stat = min if args.stat == "min" else statistics.median
         dense_t = stat(jobs[0].times)
@@ -260,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1024,
         help="skip the per-expert loop above this many tokens (it is slow)",
+    )
+    p.add_argument(
+        "--neuron-keep",
+        type=float,
+        default=1.0,
+        help="also time MoNE decode (torch+keep, triton+keep) at this neuron keep ratio",
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--csv", default=None, help="also write the rows to this CSV file")

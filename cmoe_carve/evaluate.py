@@ -8,29 +8,19 @@ exp(sum_w mean_w * T / (n * T)), which equals ours because every window predicts
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 from .data import TextSource, eval_windows, resolve_text
 from .errors import CmoeError, DataError, ModelError
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +80,12 @@ def perplexity(
     model.eval()
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), _progress_bar(progress) as bar:
-            task = bar.add_task(description, total=n)
+        with torch.inference_mode(), progress_bar(n, f"{description} (windows)", progress) as bar:
             for first in range(0, n, batch_size):
                 batch = windows[first : first + batch_size].to(device)  # [B, T]
                 logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
                 total_nll += _sum_token_nll(logits, batch).cpu()
-                bar.advance(task, batch.shape[0])
+                bar.advance(batch.shape[0])
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -164,23 +153,6 @@ def model_context_length(model: torch.nn.Module) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     context = getattr(text_config, "max_position_embeddings", None)
     return int(context) if context else None
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Progress]:
-    # On stderr, so that `--json -` output on stdout stays machine-readable.
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(
-        *columns, console=Console(stderr=True), disable=not enabled, transient=False
-    ) as bar:
-        yield bar
 
 
 def compare(

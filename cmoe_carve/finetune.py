@@ -497,8 +497,10 @@ class _Run:
         accelerator = Accelerator(mixed_precision=_precision(config, cpu), cpu=cpu)
         set_seed(config.seed)
         # The tokenizer needs none of the checkpoint's remote code: never prompt for it.
-        tokenizer = AutoTokenizer.from_pretrained(carved_dir, trust_remote_code=False)
         model = load_carved(carved_dir, dtype="float32", device="cpu")
+        tokenizer = AutoTokenizer.from_pretrained(
+            carved_dir, trust_remote_code=False, config=model.config
+        )
         set_neuron_keep(model, cmoe.get("neuron_keep"), cmoe.get("shared_neuron_keep"))
         source = resolve_text(config.data, purpose="calibration", data_dir=data_dir)
         windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed)

@@ -173,8 +173,10 @@ def load_model(
         model = load_carved(path, dtype=dtype, device=device, device_map=device_map)
         if overrides:
             set_neuron_keep(model, neuron_keep, shared_neuron_keep)
-        # The config's auto_map names our modeling code, not a tokenizer: never ask about it.
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # The config's auto_map names our modeling code, not a tokenizer: never ask about it, and
+        # hand over the loaded config (else transformers re-reads it as a generic config and
+        # warns that `cmoe` is not its model type).
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, config=model.config)
         return LoadedModel(model, tokenizer, f"carved checkpoint {path}", ref or path, True)
     if overrides:
         raise ModelError(

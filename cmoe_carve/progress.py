@@ -1,7 +1,11 @@
-"""Progress bars for long work (rich), silenced when not wanted."""
+"""Progress bars for long work (rich), silenced when not wanted.
+
+On stderr, so that output meant for machines (`--json -`) keeps stdout to itself.
+"""
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +29,7 @@ class progress_bar:
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
                 transient=False,
             )
             self._progress.start()

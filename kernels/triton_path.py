@@ -494,12 +494,14 @@ def carved_ffn_decode_kept(
     ids: torch.Tensor,
     gates: torch.Tensor,
     keep: torch.Tensor,
+    kmax: int,
     activation: str,
 ) -> torch.Tensor:
     """MoNE decode: gate GEMV, top-k of |act| per (token, expert) in PyTorch, then the up and
-    down GEMVs on the kept rows only. keep [E] int32 neurons kept per expert."""
+    down GEMVs on the kept rows only. keep [E] int32 neurons kept per expert, kmax its maximum
+    (passed from the host, so that no device value is read back)."""
     T, D = x.shape
-    E, m, K = rows_2d.shape[0], rows_2d.shape[1], ids.shape[1]
+    m, K = rows_2d.shape[1], ids.shape[1]
     a = torch.empty(T * K, m, dtype=torch.float32, device=x.device)
     block_m, block_d = (16, 32) if _INTERPRETED else (16, 256)
     _decode_gate_kernel[(T * K, triton.cdiv(m, block_m))](
@@ -507,7 +509,6 @@ def carved_ffn_decode_kept(
         ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_M=block_m, BLOCK_D=block_d,
     )
     count = keep[ids.reshape(-1).long()].to(torch.int32).contiguous()  # [T*K]
-    kmax = int(keep.max())  # keep lives on the host side of the call: no device sync
     kept = torch.topk(a.abs(), kmax, dim=-1).indices.contiguous()  # sorted: first count[p] kept
     h = torch.empty(T * K, kmax, dtype=torch.float32, device=x.device)
     block_j = 16
@@ -530,7 +531,7 @@ def _(x, gate_up, down, ids, gates, activation):
 
 
 @carved_ffn_decode_kept.register_fake
-def _(x, gate_up, rows_2d, ids, gates, keep, activation):
+def _(x, gate_up, rows_2d, ids, gates, keep, kmax, activation):
     return x.new_empty(x.shape)
 
 
@@ -553,7 +554,9 @@ class CarvedFFNFunction(torch.autograd.Function):
             if rows_2d is None:
                 rows_2d = neuron_rows(gate_up, down)
             counts = torch.tensor(keep, dtype=torch.int32, device=x.device)
-            return carved_ffn_decode_kept(x, gate_up, rows_2d, ids, gates, counts, activation)
+            return carved_ffn_decode_kept(
+                x, gate_up, rows_2d, ids, gates, counts, max(keep), activation
+            )
         # MoNE at prefill: tokens keep different neurons, so a grouped GEMM computes them all
         # anyway; the PyTorch path's masked grouped matmuls do exactly that.
         return carved_ffn_torch(x, gate_up, down, ids, gates, activation, "prefill", keep)
