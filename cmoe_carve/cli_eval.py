@@ -114,13 +114,16 @@ def eval_command(
             console.print(row.source.describe(), soft_wrap=True, markup=False, highlight=False)
     lm_results = {}
     if tasks:
-        for ref in [model] + ([compare] if compare else []):
-            keep = (
+        for position, ref in enumerate([model] + ([compare] if compare else [])):
+            keep = (  # the overrides belong to MODEL, not to the reference
                 {"neuron_keep": neuron_keep, "shared_neuron_keep": shared_neuron_keep}
-                if ref == model
+                if position == 0
                 else {}
             )
-            lm_results[ref or "default"] = evaluate.run_lm_eval(
+            key = ref or "default"
+            if key in lm_results:  # a checkpoint compared with itself
+                key = f"{key} (reference)"
+            lm_results[key] = evaluate.run_lm_eval(
                 ref, tasks, batch_size=batch_size, device=device, dtype=dtype, **keep
             )
         console.print_json(data=lm_results)

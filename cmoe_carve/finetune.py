@@ -664,7 +664,10 @@ def _merged(model: nn.Module) -> nn.Module:
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # writes through .data: drop caches made before
+    for module in model.modules():
+        if hasattr(module, "drop_caches"):
+            module.drop_caches()
     for p in model.parameters():
         p.requires_grad_(False)
     if getattr(model, "is_activation_checkpointing", False):

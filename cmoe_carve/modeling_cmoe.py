@@ -21,6 +21,9 @@ try:  # the project's kernels (Triton on GPUs, a fast gather path on CPUs), when
 except Exception:  # noqa: BLE001 - any import problem means: use the plain path
     _fast_carved_ffn = None
 
+# Token counts up to which the kernels' decode paths run (the PyTorch path: 1, Triton: 4).
+_DECODE_TOKENS = 16
+
 # Activations the kernels implement, by transformers' ACT2FN name.
 _KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -189,10 +192,13 @@ class CarvedMLP(nn.Module):
         """[E, m, 2D]: each neuron's up row and down column side by side, for MoNE at decode:
         one gather then fetches just the kept neurons' bytes (columns of down_proj [E, D, m]
         are strided). Made once per weight version (it costs 2/3 of the experts' memory
-        again); not for training or prefill, which use the masked grouped path."""
-        if num_tokens > 1 or (self.down_proj.requires_grad and torch.is_grad_enabled()):
-            return None
+        again); not for prefill (which masks instead) nor while the weights train. Writes through `.data` (a LoRA merge) do not
+        bump a tensor's version: whoever does that calls `drop_caches()`."""
         up, down = self.gate_up_proj, self.down_proj
+        if num_tokens > _DECODE_TOKENS or (
+            torch.is_grad_enabled() and (up.requires_grad or down.requires_grad)
+        ):
+            return None
         key = (up.data_ptr(), up._version, down.data_ptr(), down._version, down.device, down.dtype)
         cached = self.__dict__.get("_neuron_rows_cache")
         if cached is None or cached[0] != key:
@@ -201,6 +207,10 @@ class CarvedMLP(nn.Module):
             cached = (key, rows.contiguous())
             self.__dict__["_neuron_rows_cache"] = cached
         return cached[1]
+
+    def drop_caches(self) -> None:
+        """Forget weight-derived caches (after changing weights in place)."""
+        self.__dict__.pop("_neuron_rows_cache", None)
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the chosen experts: x [T, D], ids/gates [T, S+k] -> [T, D]."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def set_neuron_keep(model: nn.Module, routed: float | None = None, shared: float
     if not mlps:
         raise ModelError("neuron keep ratios apply to carved models: carve the model first (cmoe carve)")
     cmoe = dict(getattr(model.config, "cmoe", {}))
+    for mlp in mlps:
+        mlp.drop_caches()
     for key, value, flag in (("neuron_keep", routed, "--neuron-keep"),
                              ("shared_neuron_keep", shared, "--shared-neuron-keep")):
         if value is None:
@@ -46,8 +49,9 @@ def set_neuron_keep(model: nn.Module, routed: float | None = None, shared: float
 
 
 def rewrite_neuron_keep(path: str | Path, routed: float | None, shared: float | None) -> dict:
-    """Change the keep ratios stored in a carved checkpoint directory (config.json only; the
-    weights do not change). The new config is written beside the old and renamed over it."""
+    """Change the keep ratios stored in a carved checkpoint directory (config.json, and the
+    modeling code refreshed; the weights do not change). Files are written beside the old ones
+    and renamed over them."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json: pass a carved checkpoint directory")
@@ -58,16 +62,27 @@ def rewrite_neuron_keep(path: str | Path, routed: float | None, shared: float | 
         values["cmoe"]["neuron_keep"] = check_ratio(routed, "the neuron keep ratio")
     if shared is not None:
         values["cmoe"]["shared_neuron_keep"] = check_ratio(shared, "the shared keep ratio (--shared)")
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=config_file.parent)
+    _replace_file(config_file, json.dumps(values, indent=2, sort_keys=True) + "\n")
+    # Checkpoints carved before MoNE existed ship modeling code that ignores the ratios:
+    # bring it up to date so that plain transformers honours them too.
+    from .checkpoint import MODELING_FILE, modeling_source
+
+    _replace_file(Path(path) / MODELING_FILE, modeling_source(values["cmoe"]))
+    return values["cmoe"]
+
+
+def _replace_file(target: Path, text: str) -> None:
+    """Write `text` beside `target`, then rename it over it (same permissions)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(values, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, config_file)
+            handle.write(text)
+        if target.exists():
+            shutil.copymode(target, tmp)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return values["cmoe"]
 
 
 def _expert_read(ratio: float, m: int) -> float:

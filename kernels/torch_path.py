@@ -77,6 +77,8 @@ def _decode_kept(x, gate_up, down, ids, gates, act, keep, rows_2d) -> torch.Tens
     """
     E, D, m = down.shape
     gu, dn = _expert_views(gate_up), _expert_views(down)
+    if torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad):
+        rows_2d = None  # a detached copy would cut the weights' gradients: rebuild under autograd
     if rows_2d is None:
         rows_2d = neuron_rows(gate_up, down)
     flat = rows_2d.reshape(E * m, 2 * D)

@@ -69,6 +69,26 @@ def test_decode_with_selection_matches_the_full_forward(carved):
     torch.testing.assert_close(step[0, -1], logits(model)[0, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_decode_cache_follows_in_place_weight_changes(carved):
+    # A LoRA merge writes through .data (no version bump); drop_caches (called by the merge and
+    # by set_neuron_keep) must make decode read the new weights.
+    model, _ = carved
+    model = copy.deepcopy(model)
+    set_neuron_keep(model, 0.5, 0.5)
+
+    def next_logits():
+        with torch.no_grad():
+            out = model(PROBE[:, :-1], use_cache=True)
+            return model(PROBE[:, -1:], past_key_values=out.past_key_values).logits[0, -1]
+
+    next_logits()  # builds the decode caches
+    for mlp in model.modules():
+        if isinstance(mlp, CarvedMLP):
+            mlp.down_proj.data.mul_(1.5)
+            mlp.drop_caches()
+    torch.testing.assert_close(next_logits(), logits(model)[0, -1], rtol=1e-4, atol=1e-5)
+
+
 def test_plain_pytorch_path_matches_the_kernels(carved, monkeypatch):
     # The checkpoint's own modeling code (no cmoe_kernels) must select the same neurons.
     model, _ = carved
@@ -109,6 +129,8 @@ def test_neuron_keep_command_rewrites_the_checkpoint(carved, tmp_path):
     expected = copy.deepcopy(model)
     set_neuron_keep(expected, 0.5, 0.75)
     torch.testing.assert_close(logits(reloaded), logits(expected))
+    assert "keep_counts" in (out / "modeling_cmoe.py").read_text()  # modeling code refreshed
+    assert (out / "config.json").stat().st_mode & 0o044  # still readable by others
     bad = runner.invoke(app, ["neuron-keep", str(out), "1.5"])
     assert bad.exit_code == 2 and "(0, 1]" in bad.output
     assert json.loads((out / "config.json").read_text())["cmoe"]["neuron_keep"] == 0.5

@@ -114,10 +114,15 @@ def test_neuron_keep_forward_and_gradients(ffn, case, path, shared_full):
         torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
     # Selection really changes the output (else the test above could not fail).
     assert (truth - carved_ffn_reference(*inputs)).abs().max() > 1e-3
-    got = ffn.outputs_and_grads(carved_ffn_torch, inputs, path=path, neuron_keep=keep)
     want = ffn.outputs_and_grads(carved_ffn_reference, inputs, neuron_keep=keep)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # A detached neuron-major copy handed in must not cut the weights' gradients.
+    detached = neuron_rows(inputs[1], inputs[2]).detach()
+    for rows in (None, detached):
+        got = ffn.outputs_and_grads(
+            carved_ffn_torch, inputs, path=path, neuron_keep=keep, rows_2d=rows
+        )
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_neuron_keep_of_m_is_no_selection(ffn, case):
