@@ -60,7 +60,8 @@ def main() -> None:
         model = copy.deepcopy(loaded.model)
         result = carve_model(model, calib_ids, CarveConfig(spec=spec), progress=False)
         for ratio in todo:
-            cmoe = set_neuron_keep(model, ratio, ratio)
+            set_neuron_keep(model, ratio, ratio)
+            cmoe = {**result.cmoe, "neuron_keep": ratio, "shared_neuron_keep": ratio}
             start = time.perf_counter()
             ppl = perplexity(model, windows, 1, False, description=f"{spec} keep {ratio}").ppl
             row = {
