@@ -157,6 +157,8 @@ def _table(report: evaluate.EvalReport) -> Table:
     table.add_column("file", overflow="fold", min_width=8)
     headers = ["windows", "tokens", "ppl", "s/win"]
     headers += ["ref ppl", "ratio"] if report.reference is not None else []
+    with_load = any(row.result.load_max_over_mean is not None for row in report.results)
+    headers += ["load max/mean"] if with_load else []
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
     for row in report.results:
@@ -171,6 +173,9 @@ def _table(report: evaluate.EvalReport) -> Table:
         ]
         if row.reference is not None:
             cells += [f"{row.reference.ppl:.2f}", f"{row.ratio:.3f}"]
+        if with_load:
+            load = row.result.load_max_over_mean
+            cells.append("" if load is None else f"{load:.2f}")
         table.add_row(*cells)
     return table
 

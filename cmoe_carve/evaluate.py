@@ -8,6 +8,7 @@ exp(sum_w mean_w * T / (n * T)), which equals ours because every window predicts
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from .data import TextSource, eval_windows, resolve_text
 from .errors import CmoeError, DataError, ModelError
+from .balance import RoutingRecorder, carved_mlps, max_over_mean
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ class PerplexityResult:
     n_tokens: int  # predicted tokens: n_windows * (seqlen - 1)
     seconds: float  # wall time of the forward passes
     seconds_per_window: float
+    # Carved models: the busiest routed expert's load over the mean load, per layer, averaged
+    # over layers, on these windows (1.0 is perfectly even); None for dense models.
+    load_max_over_mean: float | None = None
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -79,15 +84,22 @@ def perplexity(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    mlps = carved_mlps(model)
+    recorder = RoutingRecorder(mlps) if mlps else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), progress_bar(n, f"{description} (windows)", progress) as bar:
+        with torch.inference_mode(), progress_bar(
+            n, f"{description} (windows)", progress
+        ) as bar, recorder:
             for first in range(0, n, batch_size):
                 batch = windows[first : first + batch_size].to(device)  # [B, T]
                 logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
                 total_nll += _sum_token_nll(logits, batch).cpu()
+                if mlps:
+                    recorder.collect()
                 bar.advance(batch.shape[0])
     finally:
         model.train(was_training)
+    load = max_over_mean(recorder.counts).mean().item() if mlps else None
     seconds = time.perf_counter() - start
     n_tokens = n * (seqlen - 1)
     nll_mean = total_nll.item() / n_tokens
@@ -98,6 +110,7 @@ def perplexity(
         n_tokens=n_tokens,
         seconds=seconds,
         seconds_per_window=seconds / n,
+        load_max_over_mean=load,
     )
     logger.info(
         "%s: ppl %.4f over %d windows (%.2f s/window)",

@@ -455,9 +455,10 @@ def finetune(
         "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
     }
     if run.main:
+        trained = run.n_trainable  # counted before the merge freezes every weight
         final = _merged(accelerator.unwrap_model(run.model))
         _write_output(final, run.tokenizer, carved_dir, out, cmoe, config, run.source, summary,
-                      history, run.n_trainable, accelerator, overwrite)
+                      history, trained, accelerator, overwrite)
         state_file.unlink(missing_ok=True)
         log.info("fine-tuned checkpoint written to %s", out)
     accelerator.wait_for_everyone()

@@ -151,3 +151,14 @@ def test_weight_fractions():
     assert ffn_active_fraction(half) == pytest.approx(2 / 16)
     routed_only = {**cmoe, "neuron_keep": 0.5, "top_k": [1, 3]}  # adaptive budgets average 2
     assert ffn_read_fraction(routed_only) == pytest.approx((2 + 2 * 192 / 288) / 16)
+
+
+def test_perplexity_reports_expert_load(carved):
+    from cmoe_carve.evaluate import perplexity
+
+    model, _ = carved
+    windows = calib_ids(2, 16, seed=3)
+    result = perplexity(model, windows, progress=False)
+    mlp = next(m for m in model.modules() if isinstance(m, CarvedMLP))
+    assert 1.0 <= result.load_max_over_mean <= mlp.num_routed / mlp.top_k
+    assert perplexity(tiny_model("llama"), windows, progress=False).load_max_over_mean is None
