@@ -130,7 +130,7 @@ def model_card(cmoe: dict, meta: dict) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # no prompt",
         "```",
         "",
         f"Per-layer statistics: `{REPORT_FILE}`.",
