@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import cmoe_kernels
 import torch
 import torch.nn.functional as F
+from cmoe_carve.modeling_cmoe import keep_count
 from cmoe_kernels import carved_ffn_torch, per_expert_loop
 
 # (hidden size D, FFN neurons N)
@@ -99,10 +99,6 @@ class Job:
     active_bytes: int
     flops: int
     times: list[float] = field(default_factory=list)
-
-
-def keep_count(ratio: float, m: int) -> int:
-    return max(1, min(m, math.ceil(ratio * m - 1e-9)))
 
 
 def _with_keep(fn: Callable, ratio: float) -> Callable:

@@ -23,11 +23,11 @@ from .profiling import profile_layer
 from .budget import allocate_budgets, balance_bias, error_by_active_experts
 from .router_fit import (
     down_grams,
-    expert_hidden,
     expert_output_norms,
     expert_outputs,
     norms_from_hidden,
     fit_linear_router,
+    hidden_chunks,
     oracle_agreement,
     standardize_rows,
 )
@@ -263,11 +263,9 @@ def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
     return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
 
 
-def _routed_hidden(carved: CarvedMLP, x: torch.Tensor, chunk: int = 4096):
+def _routed_hidden(carved: CarvedMLP, x: torch.Tensor):
     """Every routed expert's hidden activations, chunk by chunk: yields [c, Nr, m] fp32."""
-    s = carved.num_shared
-    for start in range(0, x.shape[0], chunk):
-        yield expert_hidden(x[start : start + chunk], carved.gate_up_proj[s:], carved.act_fn)
+    return hidden_chunks(x, carved.gate_up_proj[carved.num_shared :], carved.act_fn)
 
 
 # Routed hidden activations up to this size are kept between the router fit and the
@@ -281,7 +279,7 @@ def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float):
     """Replace the representative-neuron router by one regressed on expert output norms.
     Returns the routed hidden activations on x when small enough to keep, else None."""
     s = carved.num_shared
-    keep = x.shape[0] * (carved.num_experts - s) * carved.down_proj.shape[-1] * 4 <= _KEEP_HIDDEN_BYTES
+    keep = x.shape[0] * carved.num_routed * carved.down_proj.shape[-1] * 4 <= _KEEP_HIDDEN_BYTES
     grams = down_grams(carved.down_proj[s:])
     hidden, norms = [], []
     for h in _routed_hidden(carved, x):

@@ -164,14 +164,19 @@ def save_carved(
     return Path(out)
 
 
-def read_cmoe_config(path: Path) -> dict:
+def read_carved_config(path: Path) -> dict:
+    """The whole config.json of a carved checkpoint; CheckpointError for anything else."""
     config = Path(path) / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path} has no config.json: not a model directory")
     values = json.loads(config.read_text())
     if "cmoe" not in values:
         raise CheckpointError(f"{path} is not a carved checkpoint (no `cmoe` in config.json): run `cmoe carve` first")
-    return values["cmoe"]
+    return values
+
+
+def read_cmoe_config(path: Path) -> dict:
+    return read_carved_config(path)["cmoe"]
 
 
 def load_carved(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import CheckpointError, ModelError, SpecError
+from .errors import ModelError, SpecError
 from .modeling_cmoe import CarvedMLP, keep_count
 
 
@@ -52,21 +52,16 @@ def rewrite_neuron_keep(path: str | Path, routed: float | None, shared: float | 
     """Change the keep ratios stored in a carved checkpoint directory (config.json, and the
     modeling code refreshed; the weights do not change). Files are written beside the old ones
     and renamed over them."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json: pass a carved checkpoint directory")
-    values = json.loads(config_file.read_text())
-    if "cmoe" not in values:
-        raise CheckpointError(f"{path} is not a carved checkpoint (no `cmoe` in config.json): run `cmoe carve` first")
+    from .checkpoint import MODELING_FILE, modeling_source, read_carved_config
+
+    values = read_carved_config(Path(path))
     if routed is not None:
         values["cmoe"]["neuron_keep"] = check_ratio(routed, "the neuron keep ratio")
     if shared is not None:
         values["cmoe"]["shared_neuron_keep"] = check_ratio(shared, "the shared keep ratio (--shared)")
-    _replace_file(config_file, json.dumps(values, indent=2, sort_keys=True) + "\n")
+    _replace_file(Path(path) / "config.json", json.dumps(values, indent=2, sort_keys=True) + "\n")
     # Checkpoints carved before MoNE existed ship modeling code that ignores the ratios:
     # bring it up to date so that plain transformers honours them too.
-    from .checkpoint import MODELING_FILE, modeling_source
-
     _replace_file(Path(path) / MODELING_FILE, modeling_source(values["cmoe"]))
     return values["cmoe"]
 

@@ -48,16 +48,17 @@ def norms_from_hidden(h: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
     return quad.clamp_min_(0.0).sqrt_().t()
 
 
+def hidden_chunks(x: torch.Tensor, gate_up: torch.Tensor, act_fn):
+    """`expert_hidden` of x chunk by chunk (an even number of rows each): yields [c, E, m]."""
+    for start in range(0, x.shape[0], _CHUNK):
+        yield expert_hidden(x[start : start + _CHUNK], gate_up, act_fn)
+
+
 @torch.no_grad()
 def expert_output_norms(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
     """||E_e(x_t)|| for every token and expert -> [T, E] fp32, chunked over tokens."""
     grams = down_grams(down)
-    return torch.cat(
-        [
-            norms_from_hidden(expert_hidden(x[s : s + _CHUNK], gate_up, act_fn), grams)
-            for s in range(0, x.shape[0], _CHUNK)
-        ]
-    )
+    return torch.cat([norms_from_hidden(h, grams) for h in hidden_chunks(x, gate_up, act_fn)])
 
 
 def standardize_rows(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
