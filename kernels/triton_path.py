@@ -133,6 +133,20 @@ def _decode_down_kernel(
 
 
 @triton.jit
+def _rows_dot_x(rows, x_row, row_mask, D, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 dot products of BLOCK_ROWS weight rows (row starts `rows` [BLOCK_ROWS, 1], masked
+    by `row_mask`) with the token x_row [D]: the GEMV of the MoNE decode kernels."""
+    acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xv = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(rows + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _decode_gate_kernel(
     x_ptr,
     gate_up_ptr,
@@ -153,13 +167,7 @@ def _decode_gate_kernel(
     token = pair // K
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     w_gate = gate_up_ptr + expert * 2 * m * D + offs_m[:, None] * D
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xv = tl.load(x_ptr + token * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        wg = tl.load(w_gate + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        acc += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+    acc = _rows_dot_x(w_gate, x_ptr + token * D, mask_m, D, BLOCK_M, BLOCK_D)
     tl.store(a_ptr + pair * m + offs_m, _activation(acc, ACTIVATION), mask=mask_m)
 
 
@@ -193,13 +201,7 @@ def _decode_up_kept_kernel(
     gate = tl.load(gates_ptr + pair).to(tl.float32)
     neuron = tl.load(kept_ptr + pair * KMAX + offs_j, mask=valid, other=0)
     w_up = gate_up_ptr + expert * 2 * m * D + (m + neuron[:, None]) * D
-    acc = tl.zeros([BLOCK_J], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xv = tl.load(x_ptr + token * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        wu = tl.load(w_up + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-        acc += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+    acc = _rows_dot_x(w_up, x_ptr + token * D, valid, D, BLOCK_J, BLOCK_D)
     a = tl.load(a_ptr + pair * m + neuron, mask=valid, other=0.0)
     tl.store(h_ptr + pair * KMAX + offs_j, tl.where(valid, a * acc * gate, 0.0), mask=offs_j < KMAX)
 
