@@ -20,9 +20,17 @@ try:  # the project's kernels (Triton on GPUs, a fast gather path on CPUs), when
     from cmoe_kernels import carved_ffn as _fast_carved_ffn
 except Exception:  # noqa: BLE001 - any import problem means: use the plain path
     _fast_carved_ffn = None
+try:  # the fused CPU decode step (route + experts + compensation in one C++ call)
+    from cmoe_kernels import cpu_decode as _cpu_decode
+except Exception:  # noqa: BLE001 - older kernels, or none: the paths above
+    _cpu_decode = None
 
 # Token counts up to which the kernels' decode paths run (the PyTorch path: 1, Triton: 4).
 _DECODE_TOKENS = 16
+
+# Token counts up to which the fused CPU decode step runs (batched decode included); above, the
+# grouped prefill path reads each expert once as a matrix, which wins for longer inputs.
+_CPU_FUSED_TOKENS = 8
 
 # Activations the kernels implement, by transformers' ACT2FN name.
 _KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -227,9 +235,39 @@ class CarvedMLP(nn.Module):
             x, self.gate_up_proj, self.down_proj, ids, gates, self.act_fn, keep
         )
 
+    def _cpu_fused(self, x: torch.Tensor):
+        """(y, top) from the fused CPU decode kernel, or None where it does not apply: not a
+        float32 CPU inference step of a few tokens, the kernel not built, or `experts` replaced on
+        this instance (a benchmark baseline or a test), which the general path honours."""
+        if (
+            _cpu_decode is None
+            or x.shape[0] > _CPU_FUSED_TOKENS
+            or "experts" in self.__dict__
+            or self.activation not in _KERNEL_ACTIVATIONS
+            or self.gate_up_proj.dtype != torch.float32
+            or self.router.gate_weight.dtype != torch.float32
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or not _cpu_decode.applies(x)
+        ):
+            return None
+        router, keep = self.router, self.keep_counts()
+        return _cpu_decode.moe_decode(
+            x, router.gate_weight, router.up_weight if router.kind != "linear" else None,
+            router.logit_bias, router.bias, router.scale, router.kind, router.top_k,
+            self.num_shared, self.gate_up_proj, self.down_proj,
+            self._neuron_rows(x.shape[0]) if keep is not None else None, keep,
+            self.expert_bias if self.compensate else None, _KERNEL_ACTIVATIONS[self.activation],
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
+        fused = self._cpu_fused(x)
+        if fused is not None:
+            y, top = fused
+            if self.record_routing:
+                self.last_routing = top
+            return y.reshape(shape)
         ids, gates, top = self.route(x)
         if self.record_routing:
             self.last_routing = top.detach()

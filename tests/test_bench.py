@@ -20,6 +20,7 @@ from cmoe_carve.bench import BenchConfig, BenchError, BenchModel
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.checkpoint import save_carved
 from cmoe_carve.cli import app
+from cmoe_kernels import cpu_decode
 
 # Small runs: 1 thread (the CI machine has 2 cores, shared), 3 new tokens, 1 repetition.
 FAST = {
@@ -66,10 +67,13 @@ def test_every_metric_has_one_sample_per_repeat_for_both_models(report):
             assert len(metric.samples[label]) == FAST["repeats"], (key, label)
             assert metric.median(label) > 0
         assert metric.ratio("carved", "dense") > 0
-    # Only carved FFNs have a router, timed inside the FFN time.
+    # Only carved FFNs have a router, timed inside the FFN time. The fused CPU decode step
+    # routes inside its one call (no router module runs): then only the loop's router is timed.
     router = report.metrics["router_us_per_layer.b1"]
-    assert set(router.samples) == {"carved", bench.LOOP_LABEL}
-    assert router.median("carved") < report.metrics["ffn_us_per_layer.b1"].median("carved")
+    fused = cpu_decode.applies(torch.zeros(1, COMMON["hidden_size"]))
+    assert set(router.samples) == ({bench.LOOP_LABEL} if fused else {"carved", bench.LOOP_LABEL})
+    for label in router.samples:
+        assert router.median(label) < report.metrics["ffn_us_per_layer.b1"].median(label)
     # The per-expert loop runs only where the FFN is timed: batch-1 decode.
     assert bench.LOOP_LABEL in report.metrics["ffn_us_per_layer.b1"].samples
     assert bench.LOOP_LABEL not in report.metrics["decode_tokens_per_s.b2"].samples
@@ -128,14 +132,19 @@ def test_decode_makes_every_token_even_when_eos_comes_first(pair):
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # one token per step, and several
-def test_ffn_hooks_time_exactly_the_decode_calls(pair, batch):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the fused CPU step, the general path
+def test_ffn_hooks_time_exactly_the_decode_calls(pair, batch, backend, monkeypatch):
+    monkeypatch.setenv("CMOE_KERNEL", backend)
     carved, _ = pair
     ids = bench.prompt_ids(None, COMMON["vocab_size"], batch, 6)
     ffn = bench.ffn_modules(carved)
     sample = bench.decode_once(carved, ids, new_tokens=4, ffn=ffn)
     assert len(ffn) == 2
     assert sample.ffn_calls == 2 * 3  # 2 layers x 3 decode steps; the prefill is not counted
-    assert sample.router_calls == 2 * 3 and 0 < sample.router_s < sample.ffn_s
+    if cpu_decode.applies(ids.new_zeros(1, 1, dtype=torch.float32)):
+        assert sample.router_calls == 0  # routed inside the fused call: no router module runs
+    else:
+        assert sample.router_calls == 2 * 3 and 0 < sample.router_s < sample.ffn_s
     assert 0 < sample.ffn_s < sample.decode_s
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ffn)
 

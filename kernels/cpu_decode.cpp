@@ -1,0 +1,264 @@
+// One carved FFN layer at decode, on the CPU, in one call: route, run the chosen experts
+// (optionally only each expert's kept neurons, MoNE), add the compensation of the experts left
+// out. What the PyTorch path spends at one token is not bandwidth but per-op overhead: about 30
+// small ops per layer at 3-5 us each, as long as reading the active experts' weights. Here each
+// weight row is read once, in place (no gather copy), and nothing else is allocated per row.
+//
+// Built on first use by cmoe_kernels.cpu_decode (torch.utils.cpp_extension), fp32 only.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// Sixteen independent partial sums: GCC vectorises this at -O3 without -ffast-math, which a
+// single running sum would forbid (it may not reorder float additions).
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s + tail;
+}
+
+inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
+enum RouterKind : int64_t { kLinear = 0, kRepresentative = 1 };
+
+inline float activate(float g, int64_t act) {
+  if (act == kSilu) return g / (1.f + std::exp(-g));
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              name, " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+// One (token, expert) choice of the layer.
+struct Pair {
+  int64_t token;
+  int64_t expert;  // id in the stack: shared experts 0..S-1, routed S..E-1
+  float gate;
+};
+
+}  // namespace
+
+// Returns (y [T, D] fp32, top [T, k] int64 routed-expert indices, as the router gives them).
+std::tuple<at::Tensor, at::Tensor> moe_decode(
+    const at::Tensor& x_in,        // [T, D]
+    const at::Tensor& router_w,    // [Nr, D]: linear weights, or representative gate rows
+    const c10::optional<at::Tensor>& router_up,  // [Nr, D]: representative up rows
+    const at::Tensor& router_b,    // [Nr]: logit intercept (linear router)
+    const at::Tensor& sel_bias,    // [Nr]: selection-only bias
+    const at::Tensor& scale,       // [Nr]: router scale u
+    int64_t router_kind, int64_t top_k, int64_t num_shared,
+    const at::Tensor& gate_up_in,  // [E, 2m, D]
+    const at::Tensor& down_in,     // [E, D, m]
+    const c10::optional<at::Tensor>& rows_2d_in,  // [E, m, 2D]: up row | down column (MoNE)
+    c10::optional<at::IntArrayRef> keep_in,       // [E] neurons kept per expert (MoNE)
+    const c10::optional<at::Tensor>& expert_bias_in,  // [Nr, D]: compensation
+    int64_t activation) {
+  for (auto* p : {&x_in, &router_w, &router_b, &sel_bias, &scale, &gate_up_in, &down_in}) {
+    check_f32(*p, "every input of moe_decode");
+  }
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const at::Tensor down = down_in.contiguous();
+  const at::Tensor rw = router_w.contiguous();
+  const int64_t T = x.size(0), D = x.size(1);
+  const int64_t E = gate_up.size(0), m = gate_up.size(1) / 2, Nr = rw.size(0);
+  TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == m, "down must be [E, D, m]");
+  TORCH_CHECK(E == num_shared + Nr, "E must equal num_shared + routed experts");
+  TORCH_CHECK(top_k >= 0 && top_k <= Nr, "top_k must be in [0, Nr]");
+
+  // ---- route: scores = softmax(logits); top = top-k of scores + bias; gate = 1 + score * u
+  at::Tensor ru;
+  if (router_kind == kRepresentative) {
+    TORCH_CHECK(router_up.has_value(), "a representative router needs its up rows");
+    ru = router_up->contiguous();
+    check_f32(ru, "router_up");
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* rwp = rw.data_ptr<float>();
+  const float* rbp = router_b.data_ptr<float>();
+  const float* sbp = sel_bias.data_ptr<float>();
+  const float* scp = scale.data_ptr<float>();
+  at::Tensor top = at::empty({T, top_k}, at::kLong);
+  int64_t* topp = top.data_ptr<int64_t>();
+  const int64_t K = num_shared + top_k;
+  std::vector<Pair> pairs;
+  pairs.reserve(T * K);
+  std::vector<float> scores(Nr), keyed(Nr);
+  std::vector<int64_t> order(Nr);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = xp + t * D;
+    float mx = -INFINITY;
+    for (int64_t n = 0; n < Nr; ++n) {
+      float s;
+      if (router_kind == kLinear) {
+        s = dot(rwp + n * D, xt, D) + rbp[n];
+      } else {
+        const float g = dot(rwp + n * D, xt, D), u = dot(ru.data_ptr<float>() + n * D, xt, D);
+        s = std::fabs(activate(g, activation) * u);
+      }
+      scores[n] = s;
+      mx = std::max(mx, s);
+    }
+    float total = 0.f;
+    for (int64_t n = 0; n < Nr; ++n) total += (scores[n] = std::exp(scores[n] - mx));
+    for (int64_t n = 0; n < Nr; ++n) keyed[n] = (scores[n] /= total) + sbp[n];
+    std::iota(order.begin(), order.end(), 0);
+    // Largest first, lower index first among equals: torch.topk's order.
+    std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                      [&](int64_t a, int64_t b) { return keyed[a] > keyed[b] || (keyed[a] == keyed[b] && a < b); });
+    for (int64_t s = 0; s < num_shared; ++s) pairs.push_back({t, s, 1.f});
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t n = order[j];
+      topp[t * top_k + j] = n;
+      pairs.push_back({t, num_shared + n, 1.f + scores[n] * scp[n]});
+    }
+  }
+
+  // ---- experts, grouped: every row of an expert is read once for all tokens that chose it
+  std::vector<std::vector<int64_t>> by_expert(E);
+  for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) by_expert[pairs[p].expert].push_back(p);
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e) if (!by_expert[e].empty()) used.push_back(e);
+
+  std::vector<int64_t> keep(E, m);
+  bool select = false;
+  if (keep_in.has_value()) {
+    TORCH_CHECK((int64_t)keep_in->size() == E, "keep must hold one count per expert");
+    for (int64_t e = 0; e < E; ++e) {
+      keep[e] = (*keep_in)[e];
+      TORCH_CHECK(keep[e] >= 1 && keep[e] <= m, "keep counts must be in [1, m]");
+      select = select || keep[e] < m;
+    }
+  }
+  at::Tensor rows_2d;
+  if (select) {
+    TORCH_CHECK(rows_2d_in.has_value(), "neuron selection needs the neuron-major rows_2d");
+    rows_2d = rows_2d_in->contiguous();
+    check_f32(rows_2d, "rows_2d");
+    TORCH_CHECK(rows_2d.size(0) == E && rows_2d.size(1) == m && rows_2d.size(2) == 2 * D,
+                "rows_2d must be [E, m, 2D]");
+  }
+
+  const float* gup = gate_up.data_ptr<float>();
+  const int64_t P = pairs.size();
+  std::vector<float> h(P * 2 * m, 0.f);  // per pair: gate pre-activations, then up
+  // Gate rows of every used expert (and its up rows when all neurons are kept).
+  std::vector<std::pair<int64_t, int64_t>> items;  // (expert, row)
+  for (int64_t e : used) {
+    const int64_t rows = keep[e] < m ? m : 2 * m;
+    for (int64_t r = 0; r < rows; ++r) items.emplace_back(e, r);
+  }
+  auto run_rows = [&](const std::vector<std::pair<int64_t, int64_t>>& work, bool per_pair) {
+    at::parallel_for(0, work.size(), 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        if (per_pair) {  // (pair, up row): a kept neuron of one token
+          const auto [p, r] = work[i];
+          const Pair& pr = pairs[p];
+          h[p * 2 * m + r] = dot(gup + (pr.expert * 2 * m + r) * D, xp + pr.token * D, D);
+        } else {  // (expert, row): one read of the row for each token that chose the expert
+          const auto [e, r] = work[i];
+          const float* row = gup + (e * 2 * m + r) * D;
+          for (int64_t p : by_expert[e]) h[p * 2 * m + r] = dot(row, xp + pairs[p].token * D, D);
+        }
+      }
+    });
+  };
+  run_rows(items, false);
+
+  // Hidden activations a = act(gate) * up * expert gate; MoNE keeps the largest |act(gate)|.
+  std::vector<float> a(P * m, 0.f);
+  std::vector<std::vector<int64_t>> kept(P);
+  std::vector<std::pair<int64_t, int64_t>> up_items;  // (pair, up row)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = pairs[p].expert;
+    float* hp = h.data() + p * 2 * m;
+    for (int64_t j = 0; j < m; ++j) hp[j] = activate(hp[j], activation);
+    if (keep[e] < m) {
+      std::vector<int64_t>& idx = kept[p];
+      idx.resize(m);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::nth_element(idx.begin(), idx.begin() + keep[e], idx.end(),
+                       [&](int64_t i, int64_t j) { return std::fabs(hp[i]) > std::fabs(hp[j]); });
+      idx.resize(keep[e]);
+      std::sort(idx.begin(), idx.end());  // ascending rows: sequential reads
+      for (int64_t j : idx) up_items.emplace_back(p, m + j);
+    }
+  }
+  if (!up_items.empty()) run_rows(up_items, true);
+  for (int64_t p = 0; p < P; ++p) {
+    const float* hp = h.data() + p * 2 * m;
+    float* ap = a.data() + p * m;
+    const float g = pairs[p].gate;
+    if (kept[p].empty()) {
+      for (int64_t j = 0; j < m; ++j) ap[j] = hp[j] * hp[m + j] * g;
+    } else {
+      for (int64_t j : kept[p]) ap[j] = hp[j] * hp[m + j] * g;
+    }
+  }
+
+  // ---- down projections and compensation, split over the output features
+  at::Tensor y = at::zeros({T, D}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  const float* dnp = down.data_ptr<float>();
+  const float* r2p = select ? rows_2d.data_ptr<float>() : nullptr;
+  at::Tensor eb;
+  const float* ebp = nullptr;
+  if (expert_bias_in.has_value()) {
+    eb = expert_bias_in->contiguous();
+    check_f32(eb, "expert_bias");
+    ebp = eb.data_ptr<float>();
+  }
+  std::vector<char> chosen(T * Nr, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < top_k; ++j) chosen[t * Nr + topp[t * top_k + j]] = 1;
+  at::parallel_for(0, D, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t e : used) {
+      if (keep[e] < m) continue;
+      for (int64_t d = lo; d < hi; ++d) {
+        const float* row = dnp + (e * D + d) * m;
+        for (int64_t p : by_expert[e]) yp[pairs[p].token * D + d] += dot(row, a.data() + p * m, m);
+      }
+    }
+    for (int64_t p = 0; p < P; ++p) {  // kept neurons: their contiguous down columns
+      const int64_t e = pairs[p].expert;
+      for (int64_t j : kept[p]) {
+        axpy(a[p * m + j], r2p + (e * m + j) * 2 * D + D + lo, yp + pairs[p].token * D + lo, hi - lo);
+      }
+    }
+    if (ebp != nullptr) {  // mean output of each routed expert the token left out
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < Nr; ++n)
+          if (!chosen[t * Nr + n]) axpy(1.f, ebp + n * D + lo, yp + t * D + lo, hi - lo);
+    }
+  });
+  return {y, top};
+}
+
+TORCH_LIBRARY(cmoe_cpu, m) {
+  m.def(
+      "moe_decode(Tensor x, Tensor router_w, Tensor? router_up, Tensor router_b, Tensor sel_bias, "
+      "Tensor scale, int router_kind, int top_k, int num_shared, Tensor gate_up, Tensor down, "
+      "Tensor? rows_2d, int[]? keep, Tensor? expert_bias, int activation) -> (Tensor, Tensor)");
+  m.impl("moe_decode", c10::DispatchKey::CPU, TORCH_FN(moe_decode));
+}
