@@ -116,7 +116,9 @@ def moe_decode(
         num_shared: S, the shared experts (ids 0..S-1 of the stack, gate 1).
         gate_up: [E, 2m, D], down: [E, D, m]: the stacked experts (transformers' MoE layout).
         rows_2d: [E, m, 2D] neuron-major up rows | down columns (`neuron_rows`), needed when
-            `keep` selects neurons: only the kept neurons' down columns are read from it.
+            `keep` selects neurons: a kept neuron's up row and down column are then one
+            contiguous 2D-float run (in `down` its column is strided, and reading it would touch
+            every cache line of the expert).
         keep: E neuron counts (MoNE), or None for all m.
         expert_bias: [Nr, D] compensation: added for every routed expert a token leaves out.
         activation: "silu" or "gelu_tanh".
@@ -124,6 +126,11 @@ def moe_decode(
     Returns:
         y [T, D] float32 and top [T, top_k] int64 (the routed experts chosen, best first).
     """
+    if not load():
+        raise RuntimeError(
+            "the fused CPU decode kernel is not available here (see the warning above); use the "
+            "module's general path (CMOE_KERNEL=torch)"
+        )
     return torch.ops.cmoe_cpu.moe_decode(
         x, router_w, router_up, router_b, sel_bias, scale, ROUTER_CODES[router_kind],
         top_k, num_shared, gate_up, down, rows_2d, keep, expert_bias,
