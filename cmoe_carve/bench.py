@@ -154,6 +154,13 @@ def carved_ffn_backend(model: nn.Module) -> str | None:
         backend = cmoe_kernels.kernel_backend(probe)
     except (RuntimeError, ValueError) as err:
         backend = f"unusable: {err}"
+    fused = getattr(module, "_cpu_decode", None)
+    if fused is not None and fused.applies(probe):
+        limit = getattr(module, "_CPU_FUSED_TOKENS", "a few")
+        return (
+            f"fused CPU decode step up to {limit} tokens, cmoe_kernels.carved_ffn ({backend}) "
+            "above"
+        )
     return f"cmoe_kernels.carved_ffn ({backend})"
 
 

@@ -42,7 +42,7 @@ inline void axpy(float alpha, const float* __restrict x, float* __restrict y, in
 // (132 vs 112 us a layer, SmolLM2-135M S2A2E16, one thread of the 2-core EPYC).
 constexpr size_t kAhead = 2;  // rows asked for ahead of the one computed
 inline void prefetch(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);
 }
 
 enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };

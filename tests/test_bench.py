@@ -98,7 +98,7 @@ def test_model_info_counts_the_bytes_a_token_reads(report, pair):
     router = next(m.router for m in pair[0].modules() if bench.is_carved_mlp(m))
     router_bytes = 4 * sum(p.numel() for p in router.parameters())
     assert carved["ffn_bytes_per_token_per_layer"] == 4 * expert_bytes + router_bytes
-    assert carved["carved_ffn_backend"].startswith("cmoe_kernels.carved_ffn")
+    assert "cmoe_kernels.carved_ffn" in carved["carved_ffn_backend"]
     assert dense["carved_ffn_backend"] is None and dense["ffn_layers"] == 2
 
 
