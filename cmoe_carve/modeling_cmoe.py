@@ -212,6 +212,8 @@ class CarvedMLP(nn.Module):
         if cached is None or cached[0] != key:
             m = self.expert_size
             rows = torch.cat([up.detach()[:, m:], down.detach().transpose(1, 2)], dim=2)
+            if _cpu_decode is not None and rows.device.type == "cpu":
+                rows = _cpu_decode.hugepage_copy(rows)  # scattered kept rows: see its docs
             cached = (key, rows.contiguous())
             self.__dict__["_neuron_rows_cache"] = cached
         return cached[1]
@@ -258,6 +260,8 @@ class CarvedMLP(nn.Module):
             return None  # training: the general path is differentiable, the kernel is not
         if not _cpu_decode.applies(x):
             return None
+        if "_hugepages" not in self.__dict__:
+            self._weights_to_hugepages()
         keep = self.keep_counts()
         return _cpu_decode.moe_decode(
             x, rparams["gate_weight"], rparams["up_weight"] if router.kind != "linear" else None,
@@ -267,6 +271,18 @@ class CarvedMLP(nn.Module):
             params["expert_bias"] if self.compensate else None,
             _KERNEL_ACTIVATIONS[self.activation],
         )
+
+    def _weights_to_hugepages(self) -> None:
+        """Once, at the first fused decode step: the experts' weights move into memory backed by
+        2 MiB pages (`cmoe_kernels.cpu_decode.hugepage_copy`: fewer TLB misses when a token
+        reads a few experts out of hundreds of MB). Same values, same Parameter objects."""
+        self.__dict__["_hugepages"] = True
+        if not _cpu_decode.hugepages_possible():
+            return
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors, fit for training
+            for name in ("gate_up_proj", "down_proj"):
+                param = self._parameters[name]
+                param.data = _cpu_decode.hugepage_copy(param.data)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

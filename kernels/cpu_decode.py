@@ -15,6 +15,7 @@ comparisons), as does CMOE_KERNEL=triton.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -54,6 +55,59 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return f"{torch.__version__}|{platform.machine()}|{flags}"
+
+
+# Linux transparent huge pages: 2 MiB pages, asked for with madvise (the default THP mode of most
+# distributions is "madvise": only memory that asks gets them).
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, or None off Linux."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError):
+        return None
+
+
+def hugepages_possible() -> bool:
+    """Whether this system can be asked for huge pages (Linux with THP not set to "never")."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return _madvise() is not None and "[never]" not in mode
+
+
+def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor `t` in memory backed by 2 MiB pages where the kernel
+    grants them (else ordinary pages: same values either way).
+
+    Why: decode reads each expert's rows once per token from all over a few hundred MB, and with
+    4 KiB pages nearly every row costs a TLB miss, a page walk that is slow inside a virtual
+    machine. Measured on this project's 2-core EPYC VM (SmolLM2-135M shapes, 30 layers, one
+    thread): MoNE at keep 0.5 with randomly scattered kept rows 219 -> 84 us a layer, no
+    selection 105 -> 94 us.
+    """
+    nbytes = t.numel() * t.element_size()
+    madvise = _madvise()
+    if not hugepages_possible() or nbytes < _HUGE_PAGE or t.device.type != "cpu":
+        return t.detach().clone(memory_format=torch.contiguous_format)
+    # Untouched fresh memory (large allocations are mmap'd), advised before the copy faults it
+    # in: the pages then come huge. One aligned window of a slightly larger buffer.
+    buf = torch.empty(nbytes + _HUGE_PAGE + 4096, dtype=torch.uint8)
+    start = -buf.data_ptr() % _HUGE_PAGE
+    window = buf[start : start + nbytes]
+    madvise(window.data_ptr(), (nbytes + 4095) // 4096 * 4096, _MADV_HUGEPAGE)  # best effort
+    out = window.view(t.dtype).view(t.shape)
+    out.copy_(t.detach())
+    return out
 
 
 @functools.cache

@@ -180,3 +180,28 @@ def test_carved_model_generates_the_same_tokens_fused_and_unfused(monkeypatch):
     for a, b in zip(fused.logits, plain.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert modeling_cmoe._cpu_decode is cpu_decode
+
+
+def test_hugepage_copy_keeps_values_and_aligns_large_tensors():
+    big = torch.randn(3, 1024, 700)  # 8.6 MB: a few 2 MiB pages
+    copy = cpu_decode.hugepage_copy(big)
+    assert torch.equal(copy, big) and copy.is_contiguous() and copy.data_ptr() != big.data_ptr()
+    if cpu_decode.hugepages_possible():
+        assert copy.data_ptr() % (2 << 20) == 0
+    small = torch.randn(5, 7)
+    assert torch.equal(cpu_decode.hugepage_copy(small), small)
+
+
+def test_decoding_under_inference_mode_leaves_trainable_weights(monkeypatch):
+    """The first fused step may move the expert weights (huge pages); that must not turn them
+    into inference tensors, which autograd refuses, nor change their values or identity."""
+    monkeypatch.setattr(cpu_decode, "hugepages_possible", lambda: True)
+    mlp = carved_mlp()
+    before = {n: (p, p.detach().clone()) for n, p in mlp.named_parameters()}
+    x = torch.randn(1, mlp.hidden_size)
+    with torch.inference_mode():
+        fused_path(mlp, x, monkeypatch)
+    for name, (param, value) in before.items():
+        assert mlp.get_parameter(name) is param and torch.equal(param, value), name
+    mlp(x).sum().backward()  # grad mode: the general path, on the moved weights
+    assert mlp.gate_up_proj.grad is not None and mlp.down_proj.grad is not None
