@@ -18,19 +18,58 @@
 
 namespace {
 
-// Sixteen independent partial sums: GCC vectorises this at -O3 without -ffast-math, which a
-// single running sum would forbid (it may not reorder float additions).
+// GCC's portable vector extension: 16 floats, one AVX-512 register (two AVX2 or four NEON ones
+// where that is what -march=native offers). Plain loops only vectorise a reduction under
+// -ffast-math; 64-byte loads measured faster than 32-byte ones for rows streamed from memory
+// (36 vs 42 us a layer for MoNE's kept neurons, one thread of the 2-core EPYC).
+typedef float vf16 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+inline float hsum(vf16 v) {
+  float r = 0.f;
+  for (int l = 0; l < 16; ++l) r += v[l];
+  return r;
+}
+
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[16] = {0.f};
+  vf16 s0 = {0}, s1 = {0};  // two independent chains of adds
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 += load16(a + i) * load16(b + i);
+    s1 += load16(a + i + 16) * load16(b + i + 16);
+  }
+  for (; i + 16 <= n; i += 16) s0 += load16(a + i) * load16(b + i);
+  float r = hsum(s0 + s1);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// Four rows against one vector, x loaded once for the four.
+inline void dot4(const float* const* rows, const float* __restrict x, int64_t n, float* out) {
+  vf16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+    const vf16 xv = load16(x + i);
+    s0 += load16(rows[0] + i) * xv;
+    s1 += load16(rows[1] + i) * xv;
+    s2 += load16(rows[2] + i) * xv;
+    s3 += load16(rows[3] + i) * xv;
   }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s + tail;
+  out[0] = hsum(s0), out[1] = hsum(s1), out[2] = hsum(s2), out[3] = hsum(s3);
+  for (; i < n; ++i) {
+    for (int q = 0; q < 4; ++q) out[q] += rows[q][i] * x[i];
+  }
+}
+
+// y += sum_q c[q] rows[q]: y loaded and stored once for four rows.
+inline void axpy4(const float* c, const float* const* rows, float* __restrict y, int64_t n) {
+  const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+  for (int64_t i = 0; i < n; ++i) y[i] += c[0] * r0[i] + c[1] * r1[i] + c[2] * r2[i] + c[3] * r3[i];
 }
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
@@ -41,7 +80,7 @@ inline void axpy(float alpha, const float* __restrict x, float* __restrict y, in
 // prefetcher does not follow: each jump stalls on memory. Asking for the next row while the
 // current one is computed hides that; without it keep 0.5 ran slower than no selection
 // (132 vs 112 us a layer, SmolLM2-135M S2A2E16, one thread of the 2-core EPYC).
-constexpr size_t kAhead = 2;  // rows asked for ahead of the one computed
+constexpr int64_t kAhead = 4;  // rows asked for ahead of the one computed
 inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);
 }
@@ -229,14 +268,31 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
     };
     at::parallel_for(0, neurons.size(), 8, [&](int64_t lo, int64_t hi) {
       float* out = partial.data() + at::get_thread_num() * T * D;
-      for (int64_t i = lo; i < hi; ++i) {
-        if (i + (int64_t)kAhead < hi) prefetch(row_of(i + kAhead), 2 * D);
+      int64_t i = lo;
+      while (i < hi) {
+        const int64_t t = pairs[neurons[i].first].token;
+        // Four neurons of one token at once: a quarter of the loads and stores of x and the
+        // output row, 44 -> 36 us a layer at keep 0.5 (one thread, weights from memory).
+        if (i + 4 <= hi && pairs[neurons[i + 3].first].token == t) {
+          for (int64_t q = i + kAhead; q < std::min(i + kAhead + 4, hi); ++q) prefetch(row_of(q), 2 * D);
+          const float* up[4] = {row_of(i), row_of(i + 1), row_of(i + 2), row_of(i + 3)};
+          const float* dn[4] = {up[0] + D, up[1] + D, up[2] + D, up[3] + D};
+          float c[4];
+          dot4(up, xp + t * D, D, c);
+          for (int q = 0; q < 4; ++q) {
+            const auto [p, j] = neurons[i + q];
+            c[q] *= h[p * 2 * m + j] * pairs[p].gate;
+          }
+          axpy4(c, dn, out + t * D, D);
+          i += 4;
+          continue;
+        }
+        if (i + kAhead < hi) prefetch(row_of(i + kAhead), 2 * D);
         const auto [p, j] = neurons[i];
-        const Pair& pr = pairs[p];
         const float* row = row_of(i);
-        const float hidden = h[p * 2 * m + j] * dot(row, xp + pr.token * D, D) * pr.gate;
-        a[p * m + j] = hidden;
-        axpy(hidden, row + D, out + pr.token * D, D);
+        const float hidden = h[p * 2 * m + j] * dot(row, xp + t * D, D) * pairs[p].gate;
+        axpy(hidden, row + D, out + t * D, D);
+        ++i;
       }
     });
   }
