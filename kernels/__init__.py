@@ -2,7 +2,9 @@
 
 One operation, `carved_ffn`, dispatched to the Triton kernels (CUDA tensors, or anywhere under
 TRITON_INTERPRET=1) or to the PyTorch path (everything else). CMOE_KERNEL=triton|torch|auto
-forces the choice. This package imports only torch, and triton lazily: `import cmoe_kernels`
+forces the choice. On CPUs, a carved layer's whole decode step (routing included) also has a
+fused C++ implementation, `cmoe_kernels.cpu_decode`, which the checkpoints' modeling code uses
+for float32 inference of a few tokens. This package imports only torch, and triton lazily: `import cmoe_kernels`
 works where triton is not installed. It is installed as `cmoe_kernels`, never as `kernels`, so
 that it cannot shadow the PyPI package of that name which transformers imports.
 """

@@ -1,12 +1,14 @@
 """The fused CPU decode step of a carved FFN layer (`cpu_decode.cpp`), built on first use.
 
-At one token a carved layer reads about 2.6 MB of weights (S2A2E16, SmolLM2-135M), which takes
-this project's 2-core machine about 200 us, while the same work as PyTorch ops costs some 30 op
-calls of 3-5 us each. One C++ call that routes, runs the chosen experts' rows in place and adds
-the compensation removes that overhead. It is compiled once per machine with
-`torch.utils.cpp_extension` (about a minute; needs a C++ compiler, which every Linux box with
-pip's build tools has) into torch's extension cache, and used for float32 CPU inference only.
-Where it cannot be built, everything runs on the PyTorch path as before, after one warning.
+At one token a carved layer reads about 2.7 MB of weights (S2A2E16, SmolLM2-135M, two routed
+experts on average), some 100 us of memory traffic on this project's 2-core machine, while the
+same work as PyTorch ops is some 30 op calls of 3-5 us each, plus the Python around them. One
+C++ call that routes, runs the chosen experts' rows in place and adds the compensation removes
+that overhead (SmolLM2-135M S2A2E16, the 30 layers' weights streamed from memory, one thread
+of the 2-core EPYC: 262 us a layer on the PyTorch path, 112 us fused). It is compiled once per machine with `torch.utils.cpp_extension` (about
+20 s on a 2-core machine; needs a C++ compiler, which every Linux box with pip's build tools
+has) into torch's extension cache, and used for float32 CPU inference only. Where it cannot be
+built, everything runs on the PyTorch path as before, after one warning.
 
 It runs under CMOE_KERNEL=auto (the default) for float32 CPU tensors that the Triton
 interpreter is not asked to take; CMOE_KERNEL=torch turns it off (the plain PyTorch path, for
@@ -21,9 +23,12 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
+
+from . import _interpret_mode, triton_available  # the package is initialised before this module
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +40,16 @@ ROUTER_CODES = {"linear": 0, "representative": 1}
 
 def applies(x: torch.Tensor) -> bool:
     """Whether activations `x` go through the fused kernel: float32 on the CPU, CMOE_KERNEL=auto,
-    no Triton interpreter taking CPU tensors, and the kernel built (on the first call)."""
-    from . import kernel_backend
-
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    no Triton interpreter taking CPU tensors (see `kernel_backend`), and the kernel built (on
+    the first call). Called once per layer and token: a few dictionary lookups."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    if (os.environ.get("CMOE_KERNEL", "auto").strip().lower() or "auto") != "auto":
+    choice = os.environ.get("CMOE_KERNEL")
+    if choice is not None and choice.strip().lower() not in ("", "auto"):
         return False
-    return kernel_backend(x) == "torch" and load()
+    if _interpret_mode() and triton_available():
+        return False
+    return load()
 
 
 def _cpu_signature() -> str:
@@ -110,6 +117,18 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _ninja_on_path() -> None:
+    """torch builds with the `ninja` command; the PyPI package installs it next to Python, which
+    is not on PATH when a virtual environment's python runs without being activated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def load() -> bool:
     """Build (once per machine) and load the extension; False, after one warning, where that
@@ -118,10 +137,11 @@ def load() -> bool:
         return False  # built and tested with GCC on Linux only
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:12]
     try:
-        log.info("loading the CPU decode kernel (compiled once per machine, about a minute)")
+        log.info("loading the CPU decode kernel (compiled once per machine, about 20 s)")
         cpp_extension.load(
             name=f"cmoe_cpu_decode_{digest}",
             sources=[str(_SOURCE)],
@@ -139,6 +159,12 @@ def load() -> bool:
         )
         return False
     return True
+
+
+@functools.cache
+def _op():
+    """The registered operator, resolved once (the torch.ops lookup chain costs about 1 us)."""
+    return torch.ops.cmoe_cpu.moe_decode.default
 
 
 def moe_decode(
@@ -185,7 +211,7 @@ def moe_decode(
             "the fused CPU decode kernel is not available here (see the warning above); use the "
             "module's general path (CMOE_KERNEL=torch)"
         )
-    return torch.ops.cmoe_cpu.moe_decode(
+    return _op()(
         x, router_w, router_up, router_b, sel_bias, scale, ROUTER_CODES[router_kind],
         top_k, num_shared, gate_up, down, rows_2d, keep, expert_bias,
         ACTIVATION_CODES[activation],
