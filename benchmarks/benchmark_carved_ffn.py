@@ -9,6 +9,9 @@ Sweeps the number of tokens for one FFN shape carved at S2A2E16 and S3A3E8 and t
   triton       `carved_ffn_triton`, the Triton kernels (CUDA only)
   torch+keep   with --neuron-keep R: the PyTorch path with MoNE neuron selection (decode only,
   triton+keep  T <= 16), reading the kept neurons' rows of a neuron-major weight copy
+  fused        `cmoe_kernels.cpu_decode.moe_decode`, the fused CPU decode step (fp32 CPU, T <= 8;
+  fused+keep   with --neuron-keep, MoNE in it): it routes too, with a random linear router of
+               the same S + A experts per token, so it reads the router's few KB on top
 
 Weights are streamed from memory, not cached: every provider runs over a ring of distinct layers
 whose weights total --ring-mb (default 1024 MB, beyond any cache), and the time per layer is the
@@ -35,7 +38,7 @@ import cmoe_kernels
 import torch
 import torch.nn.functional as F
 from cmoe_carve.modeling_cmoe import keep_count
-from cmoe_kernels import carved_ffn_torch, per_expert_loop
+from cmoe_kernels import carved_ffn_torch, cpu_decode, per_expert_loop
 
 # (hidden size D, FFN neurons N)
 SHAPES = {"llama2-7b": (4096, 11008), "smollm2": (576, 1536)}
@@ -86,6 +89,14 @@ def gather_bmm(x, gate_up, down, ids, gates):
     a = (F.silu(h[:, :m]) * h[:, m:]).mul_(gates.reshape(-1, 1, 1).to(h.dtype))  # [T*K, m, 1]
     y = torch.bmm(down.index_select(0, flat), a)  # [T*K, D, 1]
     return y.view(T, K, -1).sum(1)
+
+
+def fused_decode(x, gate_up, down, router_w, zeros, top_k, num_shared, rows_2d=None, keep=None):
+    """The fused CPU decode step (routing, experts, no compensation) -> y [T, D]."""
+    return cpu_decode.moe_decode(
+        x, router_w, None, zeros, zeros, zeros, "linear", top_k, num_shared, gate_up, down,
+        rows_2d, keep, None, "silu",
+    )[0]
 
 
 @dataclass
@@ -164,6 +175,14 @@ def bench_shape(args, device: torch.device) -> list[Row]:
         if args.neuron_keep < 1.0:  # the neuron-major copy MoNE decode reads, made once
             layers = [(gu, dn, cmoe_kernels.neuron_rows(gu, dn)) for gu, dn in layers]
         carved[layout] = (S, A, E, m, layers)
+    fused = (
+        "fused" in args.providers and device.type == "cpu" and dtype == torch.float32
+        and cpu_decode.load()
+    )
+    routers = {
+        layout: [(randn(E - S, D), torch.zeros(E - S)) for _ in layers]
+        for layout, (S, A, E, m, layers) in carved.items()
+    } if fused else {}
     providers: dict[str, Callable] = {
         "loop": per_expert_loop,
         "gather-bmm": gather_bmm,
@@ -209,6 +228,18 @@ def bench_shape(args, device: torch.device) -> list[Row]:
                 else:
                     job_bytes, job_flops = active, flops
                 jobs.append(Job(layout, name, fn, ring, job_bytes, job_flops))
+            if fused and T <= 8:
+                for kept in ([False, True] if args.neuron_keep < 1.0 else [False]):
+                    keep = [keep_count(args.neuron_keep, m)] * E if kept else None
+                    ring = [
+                        (x, w[0], w[1], r[0], r[1], A, S, w[2] if kept else None, keep)
+                        for w, r in zip(weights, routers[layout])
+                    ]
+                    k = keep_count(args.neuron_keep, m) if kept else m
+                    jobs.append(Job(
+                        layout, "fused+keep" if kept else "fused", fused_decode, ring,
+                        active * (m + 2 * k) // (3 * m), flops * (m + 2 * k) // (3 * m),
+                    ))
         time_jobs(jobs, device, args)
         stat = min if args.stat == "min" else statistics.median
         dense_t = stat(jobs[0].times)
@@ -252,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="token counts to sweep")
     p.add_argument(
         "--providers",
-        default="loop,gather-bmm,torch,triton",
+        default="loop,gather-bmm,torch,triton,fused",
         help="carved providers to run (dense always runs)",
     )
     p.add_argument(

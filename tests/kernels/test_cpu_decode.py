@@ -72,6 +72,8 @@ LAYERS = [
     ("linear", "silu", 8, 6, 1.0, 1.0, True),  # every routed expert on, the most tokens fused
     ("linear", "silu", 1, 2, 0.5, 1.0, True),  # MoNE in the routed experts only
     ("representative", "gelu_pytorch_tanh", 4, 2, 0.25, 0.75, True),  # MoNE everywhere, T > 1
+    # MoNE where every expert serves several tokens: each is read whole and masked per token
+    ("linear", "silu", 8, 6, 0.5, 0.5, False),
 ]
 
 
