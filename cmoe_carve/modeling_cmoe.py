@@ -258,21 +258,28 @@ class CarvedMLP(nn.Module):
             return None
         params, router = self._parameters, self._modules["router"]
         rparams = router._parameters
-        gate_up = params["gate_up_proj"]
-        if gate_up.dtype != torch.float32 or rparams["gate_weight"].dtype != torch.float32:
+        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+        if gate_up is None or down is None:
+            return None  # parametrized (an unmerged peft LoRA on the experts): the general path
+        f32 = torch.float32
+        if gate_up.dtype != f32 or down.dtype != f32 or rparams["gate_weight"].dtype != f32:
             return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return None  # training: the general path is differentiable, the kernel is not
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return None  # gradients wanted: the general path is differentiable, the kernel not
         if not _cpu_decode.applies(x):
             return None
         if "_hugepages" not in self.__dict__:
             self._weights_to_hugepages()
+            gate_up, down = params["gate_up_proj"], params["down_proj"]
         keep = self.keep_counts()
+        linear = router.kind == "linear"
         return _cpu_decode.moe_decode(
-            x, rparams["gate_weight"], rparams["up_weight"] if router.kind != "linear" else None,
-            rparams["logit_bias"], router._buffers["bias"], rparams["scale"], router.kind,
-            router.top_k, self.num_shared, gate_up, params["down_proj"],
-            self._neuron_rows(x.shape[0]) if keep is not None else None, keep,
+            x, rparams["gate_weight"], None if linear else rparams["up_weight"],
+            rparams["logit_bias"], router._buffers["bias"], rparams["scale"],
+            "linear" if linear else "representative", router.top_k, self.num_shared, gate_up,
+            down, self._neuron_rows(x.shape[0]) if keep is not None else None, keep,
             params["expert_bias"] if self.compensate else None,
             _KERNEL_ACTIVATIONS[self.activation],
         )
@@ -287,6 +294,8 @@ class CarvedMLP(nn.Module):
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, fit for training
             for name in ("gate_up_proj", "down_proj"):
                 param = self._parameters[name]
+                if param.is_shared():  # shared with other processes: a copy would unshare it
+                    continue
                 param.data = _cpu_decode.hugepage_copy(param.data)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <cmath>
 #include <numeric>
@@ -130,10 +133,19 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
   const at::Tensor gate_up = gate_up_in.contiguous();
   const at::Tensor down = down_in.contiguous();
   const at::Tensor rw = router_w.contiguous();
+  const at::Tensor rb = router_b.contiguous(), sb = sel_bias.contiguous(), sc = scale.contiguous();
+  TORCH_CHECK(x.dim() == 2, "x must be [T, D]");
   const int64_t T = x.size(0), D = x.size(1);
-  const int64_t E = gate_up.size(0), m = gate_up.size(1) / 2, Nr = rw.size(0);
-  TORCH_CHECK(down.size(0) == E && down.size(1) == D && down.size(2) == m, "down must be [E, D, m]");
-  TORCH_CHECK(E == num_shared + Nr, "E must equal num_shared + routed experts");
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(2) == D && gate_up.size(1) % 2 == 0,
+              "gate_up must be [E, 2m, D]");
+  const int64_t E = gate_up.size(0), m = gate_up.size(1) / 2;
+  TORCH_CHECK(rw.dim() == 2 && rw.size(1) == D, "router_w must be [Nr, D]");
+  const int64_t Nr = rw.size(0);
+  TORCH_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == D && down.size(2) == m,
+              "down must be [E, D, m]");
+  TORCH_CHECK(rb.numel() == Nr && sb.numel() == Nr && sc.numel() == Nr,
+              "router_b, sel_bias and scale must hold Nr values");
+  TORCH_CHECK(num_shared >= 0 && E == num_shared + Nr, "E must equal num_shared + routed experts");
   TORCH_CHECK(top_k >= 0 && top_k <= Nr, "top_k must be in [0, Nr]");
 
   // ---- route: scores = softmax(logits); top = top-k of scores + bias; gate = 1 + score * u
@@ -142,12 +154,13 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
     TORCH_CHECK(router_up.has_value(), "a representative router needs its up rows");
     ru = router_up->contiguous();
     check_f32(ru, "router_up");
+    TORCH_CHECK(ru.sizes() == rw.sizes(), "router_up must be [Nr, D] like router_w");
   }
   const float* xp = x.data_ptr<float>();
   const float* rwp = rw.data_ptr<float>();
-  const float* rbp = router_b.data_ptr<float>();
-  const float* sbp = sel_bias.data_ptr<float>();
-  const float* scp = scale.data_ptr<float>();
+  const float* rbp = rb.data_ptr<float>();
+  const float* sbp = sb.data_ptr<float>();
+  const float* scp = sc.data_ptr<float>();
   at::Tensor top = at::empty({T, top_k}, at::kLong);
   int64_t* topp = top.data_ptr<int64_t>();
   const int64_t K = num_shared + top_k;
@@ -269,16 +282,18 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
 
   // Kept neurons, one pass each over its up row and down column, adjacent in rows_2d (4.6 KB
   // at D = 576): up . x gives the hidden value, which scales the down column into the output.
-  // Threads split the neurons and sum into their own output rows, added up below.
-  const int64_t threads = neurons.empty() ? 0 : at::get_num_threads();
-  std::vector<float> partial(threads * T * D, 0.f);
-  if (!neurons.empty()) {
+  // Chunks of neurons, one per thread, sum into their own output rows, added up below. (Slots
+  // by chunk, not by thread id: the id comes from whichever OpenMP runtime the build linked.)
+  const int64_t N = neurons.size();
+  const int64_t chunks = N == 0 ? 0 : std::min<int64_t>(at::get_num_threads(), (N + 7) / 8);
+  std::vector<float> partial(chunks * T * D, 0.f);
+  if (chunks > 0) {
     const float* r2p = rows_2d.data_ptr<float>();
     auto row_of = [&](int64_t i) {
       return r2p + (pairs[neurons[i].first].expert * m + neurons[i].second) * 2 * D;
     };
-    at::parallel_for(0, neurons.size(), 8, [&](int64_t lo, int64_t hi) {
-      float* out = partial.data() + at::get_thread_num() * T * D;
+    // Neurons lo..hi-1 summed into `out` [T, D].
+    auto run_neurons = [&](int64_t lo, int64_t hi, float* out) {
       int64_t i = lo;
       while (i < hi) {
         const int64_t t = pairs[neurons[i].first].token;
@@ -288,13 +303,13 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
           for (int64_t q = i + kAhead; q < std::min(i + kAhead + 4, hi); ++q) prefetch(row_of(q), 2 * D);
           const float* up[4] = {row_of(i), row_of(i + 1), row_of(i + 2), row_of(i + 3)};
           const float* dn[4] = {up[0] + D, up[1] + D, up[2] + D, up[3] + D};
-          float c[4];
-          dot4(up, xp + t * D, D, c);
+          float coef[4];
+          dot4(up, xp + t * D, D, coef);
           for (int q = 0; q < 4; ++q) {
             const auto [p, j] = neurons[i + q];
-            c[q] *= h[p * 2 * m + j] * pairs[p].gate;
+            coef[q] *= h[p * 2 * m + j] * pairs[p].gate;
           }
-          axpy4(c, dn, out + t * D, D);
+          axpy4(coef, dn, out + t * D, D);
           i += 4;
           continue;
         }
@@ -304,6 +319,11 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
         const float hidden = h[p * 2 * m + j] * dot(row, xp + t * D, D) * pairs[p].gate;
         axpy(hidden, row + D, out + t * D, D);
         ++i;
+      }
+    };
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        run_neurons(N * chunk / chunks, N * (chunk + 1) / chunks, partial.data() + chunk * T * D);
       }
     });
   }
@@ -317,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
   if (expert_bias_in.has_value()) {
     eb = expert_bias_in->contiguous();
     check_f32(eb, "expert_bias");
+    TORCH_CHECK(eb.dim() == 2 && eb.size(0) == Nr && eb.size(1) == D, "expert_bias must be [Nr, D]");
     ebp = eb.data_ptr<float>();
   }
   std::vector<char> chosen(T * Nr, 0);
@@ -330,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
         for (int64_t p : by_expert[e]) yp[pairs[p].token * D + d] += dot(row, a.data() + p * m, m);
       }
     }
-    for (int64_t th = 0; th < threads; ++th)
+    for (int64_t th = 0; th < chunks; ++th)
       for (int64_t t = 0; t < T; ++t)
         axpy(1.f, partial.data() + (th * T + t) * D + lo, yp + t * D + lo, hi - lo);
     if (ebp != nullptr) {  // mean output of each routed expert the token left out
@@ -342,7 +363,26 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
   return {y, top};
 }
 
+// An uninitialised float32 tensor in 2 MiB-aligned memory that asks the kernel for huge pages
+// (madvise MADV_HUGEPAGE, best effort), its storage exactly the tensor's bytes: weights copied
+// here read with far fewer TLB misses (see cpu_decode.hugepage_copy for the figures).
+at::Tensor hugepage_empty(at::IntArrayRef sizes) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t numel = 1;
+  for (int64_t s : sizes) {
+    TORCH_CHECK(s >= 0, "sizes must be non-negative");
+    numel *= s;
+  }
+  const size_t bytes = std::max<size_t>(numel * sizeof(float), 1);
+  const size_t padded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* ptr = nullptr;
+  TORCH_CHECK(posix_memalign(&ptr, kHuge, padded) == 0, "out of memory allocating ", padded, " bytes");
+  madvise(ptr, padded, MADV_HUGEPAGE);  // may fail (THP off): ordinary pages then
+  return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, at::TensorOptions().dtype(at::kFloat));
+}
+
 TORCH_LIBRARY(cmoe_cpu, m) {
+  m.def("hugepage_empty(int[] sizes) -> Tensor", &hugepage_empty);
   m.def(
       "moe_decode(Tensor x, Tensor router_w, Tensor? router_up, Tensor router_b, Tensor sel_bias, "
       "Tensor scale, int router_kind, int top_k, int num_shared, Tensor gate_up, Tensor down, "

@@ -134,6 +134,11 @@ def test_training_and_other_dtypes_take_the_general_path(monkeypatch):
     y = mlp(x)  # grad mode, trainable weights: must stay differentiable
     y.sum().backward()
     assert mlp.gate_up_proj.grad is not None
+    mlp.zero_grad()
+    mlp.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)  # frozen weights, gradients wanted for the input
+    mlp(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
     with torch.no_grad():
         mlp.to(torch.float64)(x.double())  # no float64 kernel
         mlp.to(torch.bfloat16)(x.bfloat16())
@@ -190,8 +195,30 @@ def test_hugepage_copy_keeps_values_and_aligns_large_tensors():
     assert torch.equal(copy, big) and copy.is_contiguous() and copy.data_ptr() != big.data_ptr()
     if cpu_decode.hugepages_possible():
         assert copy.data_ptr() % (2 << 20) == 0
+    # Exactly the tensor's bytes: torch.save of a moved weight writes nothing more.
+    assert copy.untyped_storage().nbytes() == big.numel() * 4
     small = torch.randn(5, 7)
     assert torch.equal(cpu_decode.hugepage_copy(small), small)
+
+
+def test_parametrized_expert_weights_take_the_general_path(monkeypatch):
+    """An unmerged peft LoRA on the stacked experts parametrizes gate_up_proj: the kernel would
+    read the raw weight without the adapter, so the general path must run."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    mlp = carved_mlp()
+    x = torch.randn(1, mlp.hidden_size)
+    with torch.no_grad():
+        want = general_path(mlp, x, monkeypatch)[0]
+        parametrize.register_parametrization(mlp, "gate_up_proj", Doubled())
+        got = mlp(x)
+        doubled_plain = general_path(mlp, x, monkeypatch)[0]
+    assert not torch.allclose(got, want)  # the adapter counts
+    torch.testing.assert_close(got, doubled_plain)
 
 
 def test_decoding_under_inference_mode_leaves_trainable_weights(monkeypatch):
