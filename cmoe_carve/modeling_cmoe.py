@@ -226,6 +226,7 @@ class CarvedMLP(nn.Module):
     def drop_caches(self) -> None:
         """Forget weight-derived caches (after changing weights in place)."""
         self.__dict__.pop("_neuron_rows_cache", None)
+        self.__dict__.pop("_fused_args_cache", None)
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the chosen experts: x [T, D], ids/gates [T, S+k] -> [T, D]."""
@@ -245,24 +246,8 @@ class CarvedMLP(nn.Module):
     def _cpu_fused(self, x: torch.Tensor):
         """(y, top) from the fused CPU decode kernel, or None where it does not apply: not a
         float32 CPU inference step of a few tokens, the kernel not built, or `experts` replaced on
-        this instance (a benchmark baseline or a test), which the general path honours.
-
-        Parameters are read from `_parameters` directly: nn.Module's attribute lookup costs
-        about 0.4 us a name, and a dozen of them would be a tenth of the layer's decode time."""
-        if (
-            _cpu_decode is None
-            or x.shape[0] > _CPU_FUSED_TOKENS
-            or "experts" in self.__dict__
-            or self.activation not in _KERNEL_ACTIVATIONS
-        ):
-            return None
-        params, router = self._parameters, self._modules["router"]
-        rparams = router._parameters
-        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-        if gate_up is None or down is None:
-            return None  # parametrized (an unmerged peft LoRA on the experts): the general path
-        f32 = torch.float32
-        if gate_up.dtype != f32 or down.dtype != f32 or rparams["gate_weight"].dtype != f32:
+        this instance (a benchmark baseline or a test), which the general path honours."""
+        if _cpu_decode is None or x.shape[0] > _CPU_FUSED_TOKENS or "experts" in self.__dict__:
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -270,19 +255,53 @@ class CarvedMLP(nn.Module):
             return None  # gradients wanted: the general path is differentiable, the kernel not
         if not _cpu_decode.applies(x):
             return None
+        args = self._fused_args()
+        return None if args is None else _cpu_decode.run(x, args)
+
+    def _fused_args(self) -> tuple | None:
+        """The fused kernel's arguments after x, or None where this layer cannot use it; made
+        once and reused while the key below holds. Inside a decode the Python work of every
+        call counts: building them each time cost 4 us a layer, 11 us with MoNE (SmolLM2-135M,
+        one thread of the 2-core EPYC), as much as MoNE saves in the kernel.
+
+        The tuple holds the Parameter objects themselves, so in-place and `.data` changes of
+        their values are seen; what is derived from them (the MoNE rows) or chosen per layer
+        (keep ratios, budget, compensation, router) is in the key. Parameters are read from
+        `_parameters`: nn.Module's attribute lookup costs about 0.4 us a name."""
+        params, router = self._parameters, self._modules["router"]
+        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+        if gate_up is None or down is None:
+            return None  # parametrized (an unmerged peft LoRA on the experts): the general path
         if "_hugepages" not in self.__dict__:
             self._weights_to_hugepages()
-            gate_up, down = params["gate_up_proj"], params["down_proj"]
-        keep = self.keep_counts()
-        linear = router.kind == "linear"
-        return _cpu_decode.moe_decode(
-            x, rparams["gate_weight"], None if linear else rparams["up_weight"],
-            rparams["logit_bias"], router._buffers["bias"], rparams["scale"],
-            "linear" if linear else "representative", router.top_k, self.num_shared, gate_up,
-            down, self._neuron_rows(x.shape[0]) if keep is not None else None, keep,
-            params["expert_bias"] if self.compensate else None,
-            _KERNEL_ACTIVATIONS[self.activation],
+        key = (
+            gate_up.dtype, gate_up.data_ptr(), down.data_ptr(), gate_up._version, down._version,
+            id(router), router.kind, router.top_k, self.activation, self.neuron_keep,
+            self.shared_neuron_keep, self.compensate,
         )
+        cached = self.__dict__.get("_fused_args_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rparams = router._parameters
+        args = None
+        f32 = torch.float32
+        if (
+            self.activation in _KERNEL_ACTIVATIONS
+            and gate_up.dtype == f32 and down.dtype == f32 and gate_up.device.type == "cpu"
+            and all(p.dtype == f32 for p in rparams.values())
+        ):
+            keep = self.keep_counts()
+            linear = router.kind == "linear"
+            args = _cpu_decode.prepare(
+                rparams["gate_weight"], None if linear else rparams["up_weight"],
+                rparams["logit_bias"], router._buffers["bias"], rparams["scale"],
+                "linear" if linear else "representative", router.top_k, self.num_shared,
+                gate_up, down, self._neuron_rows(1) if keep is not None else None, keep,
+                params["expert_bias"] if self.compensate else None,
+                _KERNEL_ACTIVATIONS[self.activation],
+            )
+        self.__dict__["_fused_args_cache"] = (key, args)
+        return args
 
     def _weights_to_hugepages(self) -> None:
         """Once, at the first fused decode step: the experts' weights move into memory backed by

@@ -184,13 +184,30 @@ def moe_decode(
     Returns:
         y [T, D] float32 and top [T, top_k] int64 (the routed experts chosen, best first).
     """
+    return run(x, prepare(
+        router_w, router_up, router_b, sel_bias, scale, router_kind, top_k, num_shared, gate_up,
+        down, rows_2d, keep, expert_bias, activation,
+    ))
+
+
+def prepare(
+    router_w, router_up, router_b, sel_bias, scale, router_kind, top_k, num_shared, gate_up,
+    down, rows_2d=None, keep=None, expert_bias=None, activation="silu",
+) -> tuple:
+    """`moe_decode`'s arguments after x, in the operator's order, for `run`: a caller that
+    decodes token after token makes them once (a carved layer caches them) and saves the
+    Python work of every call, which at one token costs as much as a tenth of the layer."""
     if not load():
         raise RuntimeError(
             "the fused CPU decode kernel is not available here (see the warning above); use the "
             "module's general path (CMOE_KERNEL=torch)"
         )
-    return _op()(
-        x, router_w, router_up, router_b, sel_bias, scale, ROUTER_CODES[router_kind],
-        top_k, num_shared, gate_up, down, rows_2d, keep, expert_bias,
-        ACTIVATION_CODES[activation],
+    return (
+        router_w, router_up, router_b, sel_bias, scale, ROUTER_CODES[router_kind], top_k,
+        num_shared, gate_up, down, rows_2d, keep, expert_bias, ACTIVATION_CODES[activation],
     )
+
+
+def run(x: torch.Tensor, prepared: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_decode(x, ...)` with arguments from `prepare`."""
+    return _op()(x, *prepared)

@@ -55,8 +55,8 @@ def general_path(mlp, x, monkeypatch):
 
 def fused_path(mlp, x, monkeypatch):
     calls = []
-    real = cpu_decode.moe_decode
-    monkeypatch.setattr(cpu_decode, "moe_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_decode.run
+    monkeypatch.setattr(cpu_decode, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     mlp.record_routing = True
     y = mlp(x)
     assert calls, "the fused kernel did not run"
@@ -128,7 +128,7 @@ def test_training_and_other_dtypes_take_the_general_path(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the fused kernel has no backward and runs float32 only")
 
-    monkeypatch.setattr(cpu_decode, "moe_decode", refuse)
+    monkeypatch.setattr(cpu_decode, "run", refuse)
     mlp = carved_mlp()
     x = torch.randn(1, mlp.hidden_size)
     y = mlp(x)  # grad mode, trainable weights: must stay differentiable
@@ -234,3 +234,34 @@ def test_decoding_under_inference_mode_leaves_trainable_weights(monkeypatch):
         assert mlp.get_parameter(name) is param and torch.equal(param, value), name
     mlp(x).sum().backward()  # grad mode: the general path, on the moved weights
     assert mlp.gate_up_proj.grad is not None and mlp.down_proj.grad is not None
+
+
+def test_changes_after_a_fused_step_are_honoured(monkeypatch):
+    """The layer caches the kernel's arguments: every later change of what they derive from must
+    still show, as on the general path."""
+    mlp = carved_mlp()
+    x = torch.randn(1, mlp.hidden_size)
+
+    def check():
+        with torch.no_grad():
+            got, got_top = fused_path(mlp, x, monkeypatch)
+            want, want_top = general_path(mlp, x, monkeypatch)
+        assert torch.equal(got_top, want_top)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    mlp.neuron_keep = 0.5
+    check()
+    with torch.no_grad():
+        mlp.down_proj.mul_(2.0)  # in place: MoNE's neuron-major rows must follow
+        mlp.gate_up_proj[:, :3].neg_()
+    check()
+    mlp.neuron_keep, mlp.shared_neuron_keep = 1.0, 0.5
+    check()
+    mlp.router.top_k, mlp.compensate = 4, True
+    check()
+    with torch.no_grad():
+        mlp.router.scale.add_(0.5)  # router parameters are read live
+    check()
+    mlp.to(torch.float64)
+    with torch.no_grad():
+        assert mlp(x.double()).dtype == torch.float64  # the general path, no stale float32 call
