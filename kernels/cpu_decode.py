@@ -4,15 +4,21 @@ At one token a carved layer reads about 2.7 MB of weights (S2A2E16, SmolLM2-135M
 experts on average), some 100 us of memory traffic on this project's 2-core machine, while the
 same work as PyTorch ops is some 30 op calls of 3-5 us each, plus the Python around them. One
 C++ call that routes, runs the chosen experts' rows in place and adds the compensation removes
-that overhead (SmolLM2-135M S2A2E16, the 30 layers' weights streamed from memory, one thread
-of the 2-core EPYC: 262 us a layer on the PyTorch path, 112 us fused). It is compiled once per machine with `torch.utils.cpp_extension` (about
-20 s on a 2-core machine; needs a C++ compiler, which every Linux box with pip's build tools
-has) into torch's extension cache, and used for float32 CPU inference only. Where it cannot be
-built, everything runs on the PyTorch path as before, after one warning.
+that overhead (the 30 layers' weights streamed from memory, one thread of the 2-core EPYC:
+262 us a layer on the PyTorch path, 112 us fused).
+
+It is compiled once per machine with `torch.utils.cpp_extension` (about 20 s on a 2-core
+machine; needs a C++ compiler, which every Linux box with pip's build tools has) into torch's
+extension cache, and used for float32 CPU inference only. Where it cannot be built, everything
+runs on the PyTorch path as before, after one warning. A build that was killed leaves a lock in
+`~/.cache/torch_extensions/*/cmoe_cpu_decode_*/`: delete that folder.
 
 It runs under CMOE_KERNEL=auto (the default) for float32 CPU tensors that the Triton
 interpreter is not asked to take; CMOE_KERNEL=torch turns it off (the plain PyTorch path, for
 comparisons), as does CMOE_KERNEL=triton.
+
+`moe_decode(x, ...)` is the one-off call; `prepare(...)` then `run(x, prepared)` is the same for
+a caller that decodes token after token with the same layer.
 """
 
 from __future__ import annotations
