@@ -32,6 +32,9 @@ _DECODE_TOKENS = 16
 # grouped prefill path reads each expert once as a matrix, which wins for longer inputs.
 _CPU_FUSED_TOKENS = 8
 
+# What a CarvedMLP derives from its weights and settings and keeps in its __dict__.
+_CACHE_ENTRIES = ("_neuron_rows_cache", "_fused_args_cache", "_keep_cache", "_hugepages")
+
 # Activations the kernels implement, by transformers' ACT2FN name.
 _KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -223,10 +226,20 @@ class CarvedMLP(nn.Module):
             self.__dict__["_neuron_rows_cache"] = cached
         return cached[1]
 
+    def __getstate__(self):
+        """Pickling and deepcopy leave the weight-derived caches out (a copy would rebuild them
+        anyway; the MoNE rows alone are 2/3 of the experts' size) and let a copy move its own
+        weights to huge pages."""
+        state = dict(super().__getstate__())
+        for name in _CACHE_ENTRIES:
+            state.pop(name, None)
+        return state
+
     def drop_caches(self) -> None:
         """Forget weight-derived caches (after changing weights in place)."""
-        self.__dict__.pop("_neuron_rows_cache", None)
-        self.__dict__.pop("_fused_args_cache", None)
+        for name in _CACHE_ENTRIES:
+            if name != "_hugepages":
+                self.__dict__.pop(name, None)
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the chosen experts: x [T, D], ids/gates [T, S+k] -> [T, D]."""
@@ -269,27 +282,34 @@ class CarvedMLP(nn.Module):
         (keep ratios, budget, compensation, router) is in the key. Parameters are read from
         `_parameters`: nn.Module's attribute lookup costs about 0.4 us a name."""
         params, router = self._parameters, self._modules["router"]
-        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-        if gate_up is None or down is None:
-            return None  # parametrized (an unmerged peft LoRA on the experts): the general path
-        if "_hugepages" not in self.__dict__:
-            self._weights_to_hugepages()
+        rparams = router._parameters
+        tensors = (
+            params.get("gate_up_proj"), params.get("down_proj"), rparams.get("gate_weight"),
+            rparams.get("up_weight"), rparams.get("logit_bias"), rparams.get("scale"),
+            router._buffers.get("bias"), params.get("expert_bias"),
+        )
+        if any(t is None for t in tensors):
+            return None  # parametrized (e.g. an unmerged peft LoRA): the general path
+        gate_up, down = tensors[0], tensors[1]
+        # Objects by identity (the cache holds them, so their ids stay theirs), derived data by
+        # storage and version, settings by value.
         key = (
-            gate_up.dtype, gate_up.data_ptr(), down.data_ptr(), gate_up._version, down._version,
-            id(router), router.kind, router.top_k, self.activation, self.neuron_keep,
-            self.shared_neuron_keep, self.compensate,
+            router, *map(id, tensors), gate_up.dtype, gate_up.data_ptr(), down.data_ptr(),
+            gate_up._version, down._version, router.kind, router.top_k, self.activation,
+            self.neuron_keep, self.shared_neuron_keep, self.compensate,
         )
         cached = self.__dict__.get("_fused_args_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0][0] is router and cached[0][1:] == key[1:]:
             return cached[1]
-        rparams = router._parameters
         args = None
         f32 = torch.float32
         if (
             self.activation in _KERNEL_ACTIVATIONS
-            and gate_up.dtype == f32 and down.dtype == f32 and gate_up.device.type == "cpu"
-            and all(p.dtype == f32 for p in rparams.values())
+            and all(t.dtype == f32 and t.device.type == "cpu" for t in tensors)
         ):
+            if "_hugepages" not in self.__dict__:
+                self._weights_to_hugepages()
+                return self._fused_args()  # the weights' storage moved: key them anew
             keep = self.keep_counts()
             linear = router.kind == "linear"
             args = _cpu_decode.prepare(
@@ -300,7 +320,7 @@ class CarvedMLP(nn.Module):
                 params["expert_bias"] if self.compensate else None,
                 _KERNEL_ACTIVATIONS[self.activation],
             )
-        self.__dict__["_fused_args_cache"] = (key, args)
+        self.__dict__["_fused_args_cache"] = (key, args, tensors)
         return args
 
     def _weights_to_hugepages(self) -> None:

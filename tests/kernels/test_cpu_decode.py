@@ -262,6 +262,28 @@ def test_changes_after_a_fused_step_are_honoured(monkeypatch):
     with torch.no_grad():
         mlp.router.scale.add_(0.5)  # router parameters are read live
     check()
+    # Replaced objects (a user's assignment, load_state_dict(assign=True) of a submodule).
+    mlp.expert_bias = torch.nn.Parameter(torch.randn_like(mlp.expert_bias))
+    check()
+    mlp.router.scale = torch.nn.Parameter(torch.randn_like(mlp.router.scale))
+    mlp.router.bias = torch.randn_like(mlp.router.bias)
+    check()
     mlp.to(torch.float64)
     with torch.no_grad():
         assert mlp(x.double()).dtype == torch.float64  # the general path, no stale float32 call
+
+
+def test_copies_decode_with_their_own_weights(monkeypatch):
+    mlp = carved_mlp()
+    mlp.neuron_keep = 0.5
+    x = torch.randn(1, mlp.hidden_size)
+    with torch.no_grad():
+        before, _ = fused_path(mlp, x, monkeypatch)
+        twin = copy.deepcopy(mlp)
+        assert "_fused_args_cache" not in twin.__dict__  # caches are not copied
+        twin.gate_up_proj.mul_(0.5)
+        got, _ = fused_path(twin, x, monkeypatch)
+        want, _ = general_path(twin, x, monkeypatch)
+        again, _ = fused_path(mlp, x, monkeypatch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, before)  # the original is untouched
