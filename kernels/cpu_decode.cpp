@@ -184,7 +184,10 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
     }
     float total = 0.f;
     for (int64_t n = 0; n < Nr; ++n) total += (scores[n] = std::exp(scores[n] - mx));
-    for (int64_t n = 0; n < Nr; ++n) keyed[n] = (scores[n] /= total) + sbp[n];
+    for (int64_t n = 0; n < Nr; ++n) {
+      keyed[n] = (scores[n] /= total) + sbp[n];
+      if (std::isnan(keyed[n])) keyed[n] = INFINITY;  // as torch.topk: NaN ranks first (and
+    }                                                   // the sort's ordering stays strict)
     std::iota(order.begin(), order.end(), 0);
     // Largest first, lower index first among equals: torch.topk's order.
     std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
@@ -263,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> moe_decode(
     }
     // The keep[e]-th largest |act| as a threshold, then one forward pass: the kept neurons come
     // out in ascending order (forward reads) without sorting indices, 2.5 -> 0.5 us a pair.
-    for (int64_t j = 0; j < m; ++j) mag[j] = std::fabs(hp[j]);
+    for (int64_t j = 0; j < m; ++j) mag[j] = std::isnan(hp[j]) ? INFINITY : std::fabs(hp[j]);
     std::copy(mag.begin(), mag.end(), order_mag.begin());
     std::nth_element(order_mag.begin(), order_mag.begin() + (keep[e] - 1), order_mag.end(),
                      std::greater<float>());
