@@ -9,7 +9,7 @@ Sweeps the number of tokens for one FFN shape carved at S2A2E16 and S3A3E8 and t
   triton       `carved_ffn_triton`, the Triton kernels (CUDA only)
   torch+keep   with --neuron-keep R: the PyTorch path with MoNE neuron selection (decode only,
   triton+keep  T <= 16), reading the kept neurons' rows of a neuron-major weight copy
-  fused        `cmoe_kernels.cpu_decode.moe_decode`, the fused CPU decode step (fp32 CPU, T <= 8;
+  fused        `cmoe_kernels.cpu_decode.moe_decode`, the fused CPU decode step (fp32 CPU, T <= 16;
   fused+keep   with --neuron-keep, MoNE in it): it routes too, with a random linear router of
                the same S + A experts per token, so it reads the router's few KB on top
 
@@ -228,7 +228,7 @@ def bench_shape(args, device: torch.device) -> list[Row]:
                 else:
                     job_bytes, job_flops = active, flops
                 jobs.append(Job(layout, name, fn, ring, job_bytes, job_flops))
-            if fused and T <= 8:
+            if fused and T <= 16:
                 for kept in ([False, True] if args.neuron_keep < 1.0 else [False]):
                     keep = [keep_count(args.neuron_keep, m)] * E if kept else None
                     ring = [

@@ -69,7 +69,8 @@ LAYERS = [
     ("representative", "silu", 1, 2, 1.0, 1.0, False),  # CMoE's own router
     ("linear", "gelu_pytorch_tanh", 3, 3, 1.0, 1.0, True),  # Gemma's activation, batched decode
     ("linear", "silu", 1, 0, 1.0, 1.0, True),  # an adaptive budget of 0 routed experts
-    ("linear", "silu", 8, 6, 1.0, 1.0, True),  # every routed expert on, the most tokens fused
+    ("linear", "silu", 8, 6, 1.0, 1.0, True),  # every routed expert on
+    ("linear", "silu", 16, 3, 0.5, 1.0, True),  # the most tokens fused, MoNE by row and masked
     ("linear", "silu", 1, 2, 0.5, 1.0, True),  # MoNE in the routed experts only
     ("representative", "gelu_pytorch_tanh", 4, 2, 0.25, 0.75, True),  # MoNE everywhere, T > 1
     # MoNE where every expert serves several tokens: each is read whole and masked per token
