@@ -35,7 +35,7 @@ _DECODE_TOKENS = 16
 _CPU_FUSED_TOKENS = 16
 
 # What a CarvedMLP derives from its weights and settings and keeps in its __dict__.
-_CACHE_ENTRIES = ("_neuron_rows_cache", "_fused_args_cache", "_keep_cache", "_hugepages")
+_CACHE_ENTRIES = ("_neuron_rows_cache", "_fused_args_cache", "_hugepages")
 
 # Activations the kernels implement, by transformers' ACT2FN name.
 _KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -197,14 +197,9 @@ class CarvedMLP(nn.Module):
         """Neurons kept per expert id (shared first) under MoNE, or None when selection is off."""
         if self.neuron_keep >= 1.0 and self.shared_neuron_keep >= 1.0:
             return None
-        key = (self.neuron_keep, self.shared_neuron_keep, self.expert_size, self.num_experts)
-        cached = self.__dict__.get("_keep_cache")
-        if cached is None or cached[0] != key:  # made once: this runs every layer and token
-            m = self.expert_size
-            shared, routed = keep_count(self.shared_neuron_keep, m), keep_count(self.neuron_keep, m)
-            cached = (key, [shared] * self.num_shared + [routed] * self.num_routed)
-            self.__dict__["_keep_cache"] = cached
-        return list(cached[1])
+        m = self.expert_size
+        shared, routed = keep_count(self.shared_neuron_keep, m), keep_count(self.neuron_keep, m)
+        return [shared] * self.num_shared + [routed] * self.num_routed
 
     def _neuron_rows(self, num_tokens: int) -> torch.Tensor | None:
         """[E, m, 2D]: each neuron's up row and down column side by side, for MoNE at decode:
