@@ -87,8 +87,7 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     Why: decode reads each expert's rows once per token from all over a few hundred MB, and with
     4 KiB pages nearly every row costs a TLB miss, a page walk that is slow inside a virtual
     machine. Measured on this project's 2-core EPYC VM (SmolLM2-135M shapes, 30 layers, one
-    thread): no selection 101 -> 96 us a layer, MoNE at keep 0.5 98 -> 89 us; in a run where
-    the host was busy, 219 -> 84 us for keep 0.5.
+    thread): no selection 101 -> 96 us a layer, MoNE at keep 0.5 98 -> 89 us.
     """
     usable = (
         t.device.type == "cpu" and t.dtype == torch.float32
