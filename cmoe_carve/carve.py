@@ -24,6 +24,7 @@ from .budget import allocate_budgets, balance_bias, error_by_active_experts
 from .router_fit import (
     down_grams,
     expert_output_norms,
+    expert_hidden,
     expert_outputs,
     norms_from_hidden,
     fit_linear_router,
@@ -32,11 +33,13 @@ from .router_fit import (
     standardize_rows,
 )
 from .progress import progress_bar
+from .refit import refit_down
 from .spec import ExpertSpec, check_spec_fits, parse_spec
 
 log = logging.getLogger(__name__)
 
 ROUTERS = ("fitted", "representative")
+REFIT_TARGETS = ("ffn", "stream")
 GROUPINGS = ("markers", "contribution")
 
 
@@ -92,6 +95,26 @@ class CarveConfig:
         },
     )
 
+    refit: bool = field(
+        default=False,
+        metadata={
+            "help": "refit the down projections (and compensation) by least squares once the "
+            "routing is fixed, on the calibration tokens"
+        },
+    )
+    refit_target: str = field(
+        default="ffn",
+        metadata={
+            "help": "what the refit reproduces: ffn, the dense FFN on the carved stream; stream, "
+            "the dense model's own hidden states after the layer (later layers then correct "
+            "earlier ones' errors)"
+        },
+    )
+    refit_ridge: float = field(
+        default=1e-2,
+        metadata={"help": "ridge of the refit toward the carved weights, relative per neuron"},
+    )
+
     neuron_keep: float = field(
         default=1.0,
         metadata={
@@ -118,11 +141,33 @@ class CarveConfig:
             raise SpecError(
                 f"unknown --grouping {self.grouping!r}: use one of {', '.join(GROUPINGS)}"
             )
+        if self.refit_target not in REFIT_TARGETS:
+            raise SpecError(
+                f"unknown --refit-target {self.refit_target!r}: use one of {', '.join(REFIT_TARGETS)}"
+            )
+        if self.refit_ridge <= 0:
+            raise SpecError(f"--refit-ridge must be positive, got {self.refit_ridge}")
         if self.router not in ROUTERS:
             raise SpecError(f"unknown --router {self.router!r}: use one of {', '.join(ROUTERS)}")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "layout"}
+
+
+def profile_defaults(exportable: bool, **options: bool | None) -> tuple[bool, ...]:
+    """compensate and adaptive as asked, else their defaults: on, but off in the exportable
+    profile (engines take one k for all layers and have no per-expert output bias), where asking
+    for either is a contradiction."""
+    if exportable:
+        asked = [name for name, value in options.items() if value]
+        if asked:
+            flags = " and ".join(f"--{n}" for n in asked)
+            raise SpecError(
+                f"--exportable carves without {flags}, which no export target can express: "
+                f"drop {flags} or --exportable"
+            )
+        return tuple(False for _ in options)
+    return tuple(True if value is None else value for value in options.values())
 
 
 def activation_name(config) -> str:
@@ -173,6 +218,31 @@ def _recording_layers(layers: list[nn.Module], store: list[list]):
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward
+
+
+def _capture_ffn_residual(layer: nn.Module, facts: dict):
+    """Keep the residual stream entering the FFN (the input of the norm before it) in
+    facts["mid"], for layers whose output is that residual plus the FFN's output (Llama, Mistral,
+    Qwen): a forward pre-hook on `post_attention_layernorm`. Gemma's FFN output passes through
+    one more norm, so stream targets are not linear in its down projections."""
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is None or hasattr(layer, "post_feedforward_layernorm"):
+        raise ModelError(
+            f"{type(layer).__name__} does not add its FFN output straight to the residual "
+            "stream: use --refit-target ffn for this model"
+        )
+
+    def hook(_module, args):
+        facts["mid"] = args[0].detach()
+
+    return norm.register_forward_pre_hook(hook)
+
+
+# Alternations of router fit and refit (1: refit once for the router fitted on the slices).
+_REFIT_ROUNDS = 1
+
+# Share of the dense-stream correction in stream targets (1: the dense model's own states).
+_STREAM_MIX = 1.0
 
 
 def _first_output(out):
@@ -371,6 +441,8 @@ def carve_model(
     hidden = store[0][0][0]
     layer_args = [s[0][1:] for s in store]
     del store
+    # Stream targets need the dense model's own hidden states, carried beside the carved ones.
+    dense_hidden = hidden if config.refit and config.refit_target == "stream" else None
 
     reports: list[LayerReport] = []
     layer_costs: list[torch.Tensor] = []
@@ -380,8 +452,13 @@ def carve_model(
             facts = {}
 
             residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
+            dense_next = None
+            if dense_hidden is not None:
+                with torch.no_grad():  # the dense layer on the dense stream, before carving it
+                    dense_next = _first_output(layer(dense_hidden, *args, **kwargs))
+            mid_hook = _capture_ffn_residual(layer, facts) if dense_next is not None else None
 
-            def carve_fn(dense, x, name=name, facts=facts, residual=residual):
+            def carve_fn(dense, x, name=name, facts=facts, residual=residual, dense_next=dense_next):
                 by_contribution = config.grouping == "contribution"
                 down_norms = dense.down_proj.weight.float().norm(dim=0) if by_contribution else None
                 prof = profile_layer(
@@ -422,6 +499,23 @@ def carve_model(
                     kept = [h[::2] for h in hidden] if hidden else None
                     _fit_compensation(carved, x[fit_rows[::2]], kept)
                 del hidden
+                if config.refit:
+                    xs = x[fit_rows]
+                    target = dense(xs).float()
+                    if dense_next is not None:
+                        # What the layer must add to its own residual to land on the dense
+                        # model's state: the FFN also makes up for attention's drift.
+                        dim = target.shape[-1]
+                        rows_ = fit_rows.to(dense_next.device)
+                        stream = dense_next.reshape(-1, dim)[rows_] - facts["mid"].reshape(-1, dim)[rows_]
+                        target = target + _STREAM_MIX * (stream.float() - target)
+                    prior = refit_down(carved, xs, target, config.refit_ridge)
+                    for _ in range(_REFIT_ROUNDS - 1):
+                        # Route by the refitted experts' outputs, then refit for that routing.
+                        if config.router == "fitted":
+                            _fit_router(carved, xs, config.ridge)
+                        refit_down(carved, xs, target, config.refit_ridge, prior)
+                    del prior
                 if config.adaptive:
                     few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
                     facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])
@@ -437,6 +531,11 @@ def carve_model(
             except BaseException:
                 replace_module(model, name, mlp)
                 raise
+            finally:
+                if mid_hook is not None:
+                    mid_hook.remove()
+            if dense_hidden is not None:
+                dense_hidden = dense_next
             if stand_in.carved is None:
                 replace_module(model, name, mlp)
                 raise ModelError(f"{name} was not called by its decoder layer; cannot carve it")

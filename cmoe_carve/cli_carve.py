@@ -40,11 +40,33 @@ def carve_command(
         help="markers (CMoE: binary top-K_a markers, shared by activation rate) or contribution "
         "(|h| * ||down column|| per token, shared by mean contribution).",
     ),
-    compensate: bool = typer.Option(
-        True, help="Add the mean output of the routed experts a token leaves out."
+    compensate: Optional[bool] = typer.Option(
+        None,
+        help="Add the mean output of the routed experts a token leaves out. Default: on, off "
+        "with --exportable.",
+        show_default=False,
     ),
-    adaptive: bool = typer.Option(
-        True, help="Layer-adaptive budgets: more active experts where the carve error is largest."
+    adaptive: Optional[bool] = typer.Option(
+        None,
+        help="Layer-adaptive budgets: more active experts where the carve error is largest. "
+        "Default: on, off with --exportable.",
+        show_default=False,
+    ),
+    refit: bool = typer.Option(
+        False,
+        help="Refit the down projections (and compensation) by least squares once routing is "
+        "fixed.",
+    ),
+    refit_target: str = typer.Option(
+        "ffn",
+        help="What the refit reproduces: stream (the dense model's own hidden states after each "
+        "layer) or ffn (the dense FFN on the carved model's stream).",
+    ),
+    refit_ridge: float = typer.Option(1e-2, help="Ridge of the refit toward the carved weights."),
+    exportable: bool = typer.Option(
+        False,
+        help="Carve exactly what `cmoe export` can express: one number of active experts in "
+        "every layer and no compensation.",
     ),
     balance: bool = typer.Option(
         False, help="Calibrate the selection bias so expert loads are even on calibration text."
@@ -71,9 +93,10 @@ def carve_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Carve a dense model into a training-free CMoE checkpoint."""
-    from .carve import CarveConfig
+    from .carve import CarveConfig, profile_defaults
     from .pipeline import carve
 
+    compensate, adaptive = profile_defaults(exportable, compensate=compensate, adaptive=adaptive)
     config = CarveConfig(
         spec=spec,
         k_act=k_act,
@@ -84,6 +107,9 @@ def carve_command(
         compensate=compensate,
         adaptive=adaptive,
         balance=balance,
+        refit=refit,
+        refit_target=refit_target,
+        refit_ridge=refit_ridge,
         neuron_keep=neuron_keep,
         shared_neuron_keep=shared_neuron_keep,
     )

@@ -51,6 +51,10 @@ def finetune_command(
     overwrite: bool = typer.Option(
         False, help="Replace a non-empty --out directory, or a saved state when not resuming."
     ),
+    distill: bool = typer.Option(False, help=_h("distill")),
+    teacher: Optional[str] = typer.Option(None, help=_h("teacher"), show_default=False),
+    temperature: float = typer.Option(1.0, help=_h("temperature")),
+    distill_hidden: float = typer.Option(0.0, help=_h("distill_hidden")),
     neuron_keep: Optional[float] = typer.Option(None, help=_h("neuron_keep"), show_default=False),
     shared_neuron_keep: Optional[float] = typer.Option(
         None, help=_h("shared_neuron_keep"), show_default=False
@@ -69,7 +73,8 @@ def finetune_command(
         lora_rank=lora_rank, lora_alpha=lora_alpha, gamma=gamma, schedule=schedule,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
-        save_every=save_every, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
+        save_every=save_every, distill=distill, teacher=teacher, temperature=temperature,
+        distill_hidden=distill_hidden, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
     )
     result = finetune(
         carved, out, config, data_dir=data_dir, resume=resume, overwrite=overwrite, cpu=cpu,

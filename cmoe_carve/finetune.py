@@ -131,6 +131,22 @@ class FinetuneConfig:
     save_every: int = field(
         default=50, metadata={"help": "optimizer steps between resumable state saves (0: never)"}
     )
+    distill: bool = field(
+        default=False,
+        metadata={"help": "learn from the dense source model's logits (KL divergence) instead "
+                  "of the next token alone; the teacher runs frozen in the same process"},
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "the dense teacher for --distill (hub id, directory or .gguf); "
+                  "default: the model the checkpoint was carved from"},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of --distill"})
+    distill_hidden: float = field(
+        default=0.0,
+        metadata={"help": "weight of the per-layer hidden-state MSE (relative to the teacher's "
+                  "energy) added to the --distill loss; 0: off"},
+    )
     neuron_keep: float | None = field(
         default=None,
         metadata={"help": "MoNE keep ratio of the routed experts to train (and save) with; "
@@ -186,6 +202,12 @@ class FinetuneConfig:
             check_ratio(self.neuron_keep, "--neuron-keep")
         if self.shared_neuron_keep is not None:
             check_ratio(self.shared_neuron_keep, "--shared-neuron-keep")
+        if not self.temperature > 0:
+            raise FinetuneError(f"--temperature must be positive, got {self.temperature}")
+        if self.distill_hidden < 0:
+            raise FinetuneError(f"--distill-hidden must be 0 or more, got {self.distill_hidden}")
+        if not self.distill and (self.teacher is not None or self.distill_hidden > 0):
+            raise FinetuneError("--teacher and --distill-hidden need --distill: add it or drop them")
         if not 0 <= self.warmup_ratio < 1:
             raise FinetuneError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
 
@@ -481,6 +503,7 @@ class _Run:
     windows: torch.Tensor  # [n, T] int64
     plan: list[list[torch.Tensor]]  # step -> micro-batches of window indices
     identity: dict  # what a saved state must match to be resumed
+    teacher: nn.Module | None = None  # the frozen dense model of --distill
     history: dict = field(
         default_factory=lambda: {"losses": [], "load": [], "seconds": 0.0, "resumed_at": []}
     )
@@ -525,6 +548,12 @@ class _Run:
             optimizer, lambda s: lr_factor(s, len(plan), config)
         )
         mlps = carved_mlps(model)
+        teacher = None
+        if config.distill:
+            from .distill import check_same_vocabulary, load_teacher, teacher_reference
+
+            teacher = load_teacher(config.teacher or teacher_reference(carved_dir), accelerator.device)
+            check_same_vocabulary(model, teacher)
         model, optimizer = accelerator.prepare(model, optimizer)
         identity = {
             "config": config.to_dict(),
@@ -533,7 +562,7 @@ class _Run:
             "processes": accelerator.num_processes,
         }
         return cls(config, accelerator, model, tokenizer, optimizer, scheduler, mlps, source,
-                   windows, plan, identity)
+                   windows, plan, identity, teacher)
 
     @property
     def main(self) -> bool:
@@ -591,7 +620,7 @@ class _Run:
             ids = self.windows[idx[rank * bs : (rank + 1) * bs]].to(acc.device)  # [B, T]
             last = j == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = self._loss(ids)
                 recorder.collect()  # before backward, which may recompute the layers
                 acc.backward(loss / len(micro_batches))
             loss_sum += loss.detach().float()
@@ -607,6 +636,22 @@ class _Run:
         if config.gamma > 0:
             apply_bias_update(self.mlps, counts, config.gamma)
         return acc.reduce(loss_sum / len(micro_batches), "mean").item(), counts
+
+    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch [B, T]: next-token cross-entropy, or with
+        --distill the KL divergence from the teacher (plus the hidden-state term)."""
+        if self.teacher is None:
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        from .distill import hidden_mse, kd_loss
+
+        hidden = self.config.distill_hidden > 0
+        with torch.no_grad():
+            ref = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        loss = kd_loss(out.logits, ref.logits, self.config.temperature)
+        if hidden:
+            loss = loss + self.config.distill_hidden * hidden_mse(out.hidden_states, ref.hidden_states)
+        return loss
 
     def train(self, start: int, state_file: Path, progress: bool, callback) -> None:
         """Steps `start`..end with a progress bar, periodic state saves and the callback."""

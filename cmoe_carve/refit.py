@@ -1,0 +1,118 @@
+"""Closed-form refit of a carved layer's down projections once its routing is fixed.
+
+The experts are exact slices of the dense FFN, but a token that uses only a few of them loses the
+rest of the sum. With the routing fixed, the carved output is linear in the down projections:
+
+    y_t = W f_t + B l_t,   f_t = [g_te * h_te for every expert e]  (0 for experts t does not use)
+                           l_t = [1 if t leaves routed expert e out]   (the compensation's switch)
+
+so the W (and compensation B) that best reproduce a target on the calibration tokens solve one
+ridge regression: a [P + Nr, P + Nr] system for P = E * m neurons (1,536 + 14 for SmolLM2), the
+ridge pulling toward the carved weights, so experts few tokens use stay close to their slices.
+Only weights change: every runtime (and every export) carries the refit exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .router_fit import expert_hidden
+
+
+@dataclass
+class RefitStats:
+    """Running sums of a least-squares problem y ~ W f over token chunks (fp64).
+
+    gram [F, F] = sum f f^T, cross [F, D] = sum f y^T, count tokens; F = features, D = outputs.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, num_features: int, out_dim: int, device=None) -> "RefitStats":
+        z = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(num_features, num_features, **z), torch.zeros(num_features, out_dim, **z))
+
+    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """features [c, F], targets [c, D]: products in fp32 (the chunk's own error is far below
+        the ridge), sums in fp64 (16k tokens of sums would lose digits in fp32)."""
+        f = features.float()
+        self.gram += (f.t() @ f).double()
+        self.cross += (f.t() @ targets.float()).double()
+        self.count += features.shape[0]
+
+
+def routed_features(hidden: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, num_shared: int,
+                    with_switches: bool) -> torch.Tensor:
+    """The refit's features for one chunk.
+
+    hidden [c, E, m] (every expert's act(gate x) * up x), ids [c, S+k] (the experts each token
+    uses, shared first), gates [c, S+k] -> [c, E*m] (+ [c, Nr] compensation switches: 1 where a
+    routed expert is left out).
+    """
+    c, num_experts, m = hidden.shape
+    weight = torch.zeros(c, num_experts, dtype=hidden.dtype, device=hidden.device)
+    weight.scatter_(1, ids, gates.to(hidden.dtype))  # [c, E]: a token's gate for each expert used
+    feats = (hidden * weight[..., None]).reshape(c, num_experts * m)
+    if not with_switches:
+        return feats
+    left_out = (weight[:, num_shared:] == 0).to(hidden.dtype)  # [c, Nr]
+    return torch.cat([feats, left_out], dim=1)
+
+
+def solve_refit(stats: RefitStats, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge solution W* [F, D] of min ||f W - y||^2 + sum_i lam_i ||W_i - prior_i||^2.
+
+    The ridge of feature i is `ridge` times its own energy, gram[i, i], plus a floor of `ridge`
+    times the mean energy, so the fit does not depend on how features are scaled (hidden
+    activations and 0/1 switches differ by orders of magnitude) and a feature no token uses
+    keeps its prior exactly.
+    """
+    gram = stats.gram.clone()
+    diag = gram.diagonal()
+    lam = ridge * (diag + diag.mean().clamp_min(1e-30))
+    diag.add_(lam)
+    rhs = stats.cross + lam[:, None] * prior.double()
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info.item() == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(gram, rhs).solution  # semi-definite in floating point: rare
+
+
+# Tokens per chunk of the refit's features ([c, E*m] fp32: 2,048 x 1,536 x 4 B = 12.6 MB).
+_CHUNK = 2048
+
+
+@torch.no_grad()
+def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
+               prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares down projections (and compensation, when on) for the routing as it is now:
+    x [T, D] FFN inputs, target [T, D] what the FFN should output for them. The ridge pulls
+    toward `prior` [F, D] (default: the current weights), which is returned."""
+    num_experts, dim, m = carved.down_proj.shape
+    switches = carved.compensate
+    stats = RefitStats.empty(
+        num_experts * m + (carved.num_routed if switches else 0), dim, device=x.device
+    )
+    for start in range(0, x.shape[0], _CHUNK):
+        xs = x[start : start + _CHUNK]
+        ids, gates, _ = carved.route(xs)
+        h = expert_hidden(xs, carved.gate_up_proj, carved.act_fn)  # [c, E, m]
+        feats = routed_features(h, ids, gates, carved.num_shared, switches)
+        stats.add(feats, target[start : start + _CHUNK])
+    if prior is None:
+        prior = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t()  # [E*m, D]
+        if switches:
+            prior = torch.cat([prior, carved.expert_bias.float()])
+    solution = solve_refit(stats, prior, ridge).float()  # [F, D]
+    down = solution[: num_experts * m].t().reshape(dim, num_experts, m).permute(1, 0, 2)
+    carved.down_proj.copy_(down.to(carved.down_proj))
+    if switches:
+        carved.expert_bias.copy_(solution[num_experts * m :].to(carved.expert_bias))
+    carved.drop_caches()
+    return prior
+

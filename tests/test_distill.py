@@ -1,0 +1,95 @@
+"""`cmoe finetune --distill`: the losses, the teacher, and a run that moves the student to it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cmoe_carve.carve import CarveConfig, carve_model
+from cmoe_carve.checkpoint import REPORT_FILE, load_carved, save_carved
+from cmoe_carve.distill import hidden_mse, kd_loss, teacher_reference
+from cmoe_carve.errors import ModelError
+from cmoe_carve.finetune import FinetuneConfig, FinetuneError, finetune
+from test_finetune import TEXT, byte_tokenizer
+from tiny_models import calib_ids, tiny_model
+
+
+def test_kd_loss_is_the_token_mean_kl_divergence():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=gen)
+    teacher = torch.randn(2, 5, 11, generator=gen)
+    t = 2.0
+    p = torch.softmax(teacher / t, -1)
+    q = torch.softmax(student / t, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean() * t * t
+    torch.testing.assert_close(kd_loss(student, teacher, t), expected)
+    assert kd_loss(teacher, teacher).abs() < 1e-6
+    # Shifting logits by a constant changes no distribution.
+    assert kd_loss(teacher + 3.0, teacher).abs() < 1e-5
+
+
+def test_hidden_mse_skips_embeddings_and_is_relative_per_layer():
+    a = (torch.zeros(1, 2, 3), torch.ones(1, 2, 3), 10 * torch.ones(1, 2, 3))
+    b = (torch.ones(1, 2, 3), 2 * torch.ones(1, 2, 3), 20 * torch.ones(1, 2, 3))
+    # layer 1: (1-2)^2 / 4, layer 2: (10-20)^2 / 400 -> both 0.25
+    torch.testing.assert_close(hidden_mse(a, b), torch.tensor(0.25))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny dense Llama saved as a model directory, its S1A1E8 carve, and a training text."""
+    root = tmp_path_factory.mktemp("distill")
+    dense = tiny_model("llama")
+    dense.save_pretrained(root / "dense")
+    byte_tokenizer().save_pretrained(root / "dense")
+    model = copy.deepcopy(dense)
+    result = carve_model(model, calib_ids(), CarveConfig(spec="S1A1E8", k_act=5), progress=False)
+    save_carved(model, byte_tokenizer(), root / "carved", result.cmoe, {"layers": []},
+                {"source_model": "tiny llama", "source_ref": str(root / "dense")})
+    (root / "train.txt").write_text(TEXT)
+    return root
+
+
+def _kl_to(teacher_dir, student, ids):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    with torch.no_grad():
+        return kd_loss(student(ids).logits, teacher(ids).logits).item()
+
+
+def test_distillation_moves_the_student_toward_the_teacher(pair):
+    config = FinetuneConfig(data=str(pair / "train.txt"), samples=8, seqlen=16, lr=5e-3,
+                            save_every=0, distill=True, distill_hidden=0.5)
+    finetune(pair / "carved", pair / "ft", config, progress=False)
+    probe = calib_ids(2, 16, seed=11)
+    before = _kl_to(pair / "dense", load_carved(pair / "carved"), probe)
+    after = _kl_to(pair / "dense", load_carved(pair / "ft"), probe)
+    assert after < 0.9 * before
+    record = json.loads((pair / "ft" / REPORT_FILE).read_text())
+    assert record["finetune"]["config"]["distill"] is True
+
+
+def test_teacher_comes_from_the_carve_report_or_is_asked_for(pair, tmp_path):
+    assert teacher_reference(pair / "carved") == str(pair / "dense")
+    (tmp_path / REPORT_FILE).write_text(json.dumps({"meta": {}}))
+    with pytest.raises(ModelError, match="--teacher"):
+        teacher_reference(tmp_path)
+
+
+def test_a_carved_teacher_is_refused(pair):
+    config = FinetuneConfig(data=str(pair / "train.txt"), samples=2, seqlen=16, save_every=0,
+                            distill=True, teacher=str(pair / "carved"))
+    with pytest.raises(ModelError, match="dense source"):
+        finetune(pair / "carved", pair / "ft2", config, progress=False)
+    assert not (pair / "ft2").exists()
+
+
+def test_distill_options_need_distill():
+    with pytest.raises(FinetuneError, match="need --distill"):
+        FinetuneConfig(teacher="x")
+    with pytest.raises(FinetuneError, match="--temperature"):
+        FinetuneConfig(distill=True, temperature=0.0)

@@ -1,0 +1,167 @@
+"""The least-squares refit of down projections: the solver, the features, and the carve option."""
+
+import copy
+
+import pytest
+import torch
+
+from cmoe_carve.carve import CarveConfig, carve_model
+from cmoe_carve.errors import ModelError, SpecError
+from cmoe_carve.modeling_cmoe import CarvedMLP
+from cmoe_carve.refit import RefitStats, refit_down, routed_features, solve_refit
+from tiny_models import FAMILIES, calib_ids, tiny_model
+
+
+def _stats(features, targets, chunk=7):
+    stats = RefitStats.empty(features.shape[1], targets.shape[1])
+    for start in range(0, features.shape[0], chunk):  # chunk 7: sums over uneven chunks
+        stats.add(features[start : start + chunk], targets[start : start + chunk])
+    return stats
+
+
+def test_solve_recovers_the_weights_that_made_the_targets():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 12, generator=gen)
+    true = torch.randn(12, 5, generator=gen)
+    prior = torch.zeros(12, 5)
+    solution = solve_refit(_stats(features, features @ true), prior, ridge=1e-9)
+    torch.testing.assert_close(solution.float(), true, rtol=1e-4, atol=1e-4)
+
+
+def test_solve_matches_the_normal_equations_of_the_ridge_problem():
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(50, 6, generator=gen, dtype=torch.float64) * torch.arange(1, 7)
+    targets = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    prior = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    ridge = 0.3
+    gram = features.t() @ features
+    lam = ridge * (gram.diagonal() + gram.diagonal().mean())
+    expected = torch.linalg.solve(gram + torch.diag(lam), features.t() @ targets + lam[:, None] * prior)
+    torch.testing.assert_close(solve_refit(_stats(features, targets), prior, ridge), expected)
+
+
+def test_a_feature_no_token_uses_keeps_its_prior():
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(100, 4, generator=gen)
+    features[:, 2] = 0.0  # e.g. a padding neuron, or an expert never chosen
+    prior = torch.randn(4, 3, generator=gen)
+    solution = solve_refit(_stats(features, torch.randn(100, 3, generator=gen)), prior, 1e-3)
+    torch.testing.assert_close(solution[2].float(), prior[2])
+    assert (solution[0].float() - prior[0]).abs().max() > 1e-2  # used features do move
+
+
+def test_features_keep_only_the_experts_a_token_uses():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3) + 1  # [c=2, E=4, m=3]
+    ids = torch.tensor([[0, 2], [0, 3]])  # shared expert 0, then one routed expert
+    gates = torch.tensor([[1.0, 0.5], [1.0, 2.0]])
+    feats = routed_features(hidden, ids, gates, num_shared=1, with_switches=True)
+    assert feats.shape == (2, 4 * 3 + 3)
+    h = feats[:, :12].reshape(2, 4, 3)
+    torch.testing.assert_close(h[0, 0], hidden[0, 0])
+    torch.testing.assert_close(h[0, 2], 0.5 * hidden[0, 2])
+    assert h[0, 1].abs().sum() == 0 and h[0, 3].abs().sum() == 0
+    torch.testing.assert_close(h[1, 3], 2.0 * hidden[1, 3])
+    # switches: routed experts 1..3 -> columns 0..2, 1 where left out
+    torch.testing.assert_close(feats[:, 12:], torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))
+
+
+def _carved_layer(compensate: bool):
+    """One carved FFN of a tiny Llama (S1A2E8: 1 shared + 2 of 7 routed) and FFN inputs for it."""
+    model = tiny_model("llama")
+    config = CarveConfig(spec="S1A2E8", k_act=5, adaptive=False, compensate=compensate)
+    carve_model(model, calib_ids(), config, progress=False)
+    carved = next(m for m in model.modules() if isinstance(m, CarvedMLP))
+    x = torch.randn(300, carved.hidden_size, generator=torch.Generator().manual_seed(3))
+    return carved, x
+
+
+def _loss_and_grads(carved, x, target):
+    """||carved(x) - target||^2 through the module's own forward, and its gradients with
+    respect to the down projections and compensation."""
+    carved.zero_grad()
+    with torch.enable_grad():
+        loss = (carved(x) - target).pow(2).sum()
+        loss.backward()
+    bias_grad = carved.expert_bias.grad  # None when compensation is off (the bias is unused)
+    return loss.item(), carved.down_proj.grad.clone(), bias_grad
+
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_refit_reaches_the_least_squares_optimum_of_the_real_forward(compensate):
+    # Built from the features, checked through CarvedMLP.forward: if the features, their
+    # layout, the gates or the compensation switches were wrong, the gradient would not vanish.
+    carved, x = _carved_layer(compensate)
+    gen = torch.Generator().manual_seed(4)
+    target = carved(x).detach() + 0.3 * torch.randn(x.shape[0], carved.hidden_size, generator=gen)
+    before, grad_down, grad_bias = _loss_and_grads(carved, x, target)
+    refit_down(carved, x, target, ridge=1e-9)
+    after, grad_down_after, grad_bias_after = _loss_and_grads(carved, x, target)
+    assert after < 0.9 * before
+    assert grad_down_after.abs().max() < 1e-3 * grad_down.abs().max()
+    if compensate:
+        assert grad_bias_after.abs().max() < 1e-3 * grad_bias.abs().max()
+    else:
+        assert carved.expert_bias.abs().max() == 0  # no compensation stays no compensation
+
+
+def test_refit_ridge_pulls_toward_the_slices():
+    carved, x = _carved_layer(False)
+    original = carved.down_proj.detach().clone()
+    target = torch.randn(x.shape[0], carved.hidden_size, generator=torch.Generator().manual_seed(5))
+    moved = {}
+    for ridge in (1e-4, 1e2):
+        layer = copy.deepcopy(carved)
+        refit_down(layer, x, target, ridge=ridge)
+        moved[ridge] = (layer.down_proj - original).norm().item()
+    assert moved[1e2] < 0.05 * moved[1e-4]
+
+
+@pytest.mark.parametrize("target", ["ffn", "stream"])
+def test_refit_lowers_the_held_out_error_of_a_carve(target):
+    # Held-out calibration rows, as the carve report measures them: the refit must reproduce the
+    # dense FFN better than the slices do (stream targets aim at the dense stream instead, so
+    # they are only required not to be worse by much on this measure).
+    errors = {}
+    for refit in (False, True):
+        model = tiny_model("llama")
+        config = CarveConfig(spec="S1A1E8", k_act=5, adaptive=False, compensate=False,
+                             refit=refit, refit_target=target, refit_ridge=1e-1)
+        result = carve_model(model, calib_ids(32, 64), config, progress=False)
+        errors[refit] = sum(r.reconstruction_error for r in result.layers)
+    limit = 0.95 if target == "ffn" else 1.15
+    assert errors[True] < limit * errors[False]
+
+
+def test_refit_with_every_expert_active_keeps_the_dense_model():
+    # With every expert on, the slices reproduce the dense FFN exactly: that is the least-squares
+    # optimum, so the refit must leave the model (numerically) where it was.
+    dense = tiny_model("qwen2")
+    model = copy.deepcopy(dense)
+    config = CarveConfig(spec="S2A6E8", k_act=5, adaptive=False, compensate=False, refit=True)
+    carve_model(model, calib_ids(), config, progress=False)
+    ids = calib_ids(1, 24, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not f.startswith("gemma")))
+def test_stream_targets_run_on_every_residual_family(family):
+    model = tiny_model(family)
+    config = CarveConfig(spec="S2A2E8", k_act=5, refit=True, refit_target="stream")
+    carve_model(model, calib_ids(), config, progress=False)
+    assert all(torch.isfinite(m.down_proj).all() for m in model.modules() if isinstance(m, CarvedMLP))
+
+
+def test_stream_targets_refuse_gemma_clearly():
+    model = tiny_model("gemma2")
+    config = CarveConfig(spec="S2A2E8", k_act=5, refit=True, refit_target="stream")
+    with pytest.raises(ModelError, match="--refit-target ffn"):
+        carve_model(model, calib_ids(), config, progress=False)
+
+
+def test_refit_options_are_validated():
+    with pytest.raises(SpecError, match="--refit-target"):
+        CarveConfig(refit_target="teacher")
+    with pytest.raises(SpecError, match="--refit-ridge"):
+        CarveConfig(refit_ridge=0.0)
