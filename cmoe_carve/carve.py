@@ -73,7 +73,7 @@ class CarveConfig:
     )
     ridge: float = field(default=1e-3, metadata={"help": "ridge strength of the fitted router"})
     compensate: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "add the mean output of the routed experts a token leaves out"},
     )
     balance: bool = field(
@@ -81,7 +81,7 @@ class CarveConfig:
         metadata={"help": "calibrate the selection bias so expert loads are even on calibration"},
     )
     adaptive: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "layer-adaptive budgets: more active experts where the carve error is "
             "largest, at the same average"
@@ -96,7 +96,7 @@ class CarveConfig:
     )
 
     refit: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "refit the down projections (and compensation) by least squares once the "
             "routing is fixed, on the calibration tokens"
@@ -155,9 +155,9 @@ class CarveConfig:
 
 
 def profile_defaults(exportable: bool, **options: bool | None) -> tuple[bool, ...]:
-    """compensate and adaptive as asked, else their defaults: on, but off in the exportable
-    profile (engines take one k for all layers and have no per-expert output bias), where asking
-    for either is a contradiction."""
+    """compensate and adaptive as asked, else their defaults (off: with the refit neither helps,
+    see benchmarks/ablation_carve.md). The exportable profile cannot have them (engines take one
+    k for all layers and have no per-expert output bias): asking for either is a contradiction."""
     if exportable:
         asked = [name for name, value in options.items() if value]
         if asked:
@@ -167,7 +167,7 @@ def profile_defaults(exportable: bool, **options: bool | None) -> tuple[bool, ..
                 f"drop {flags} or --exportable"
             )
         return tuple(False for _ in options)
-    return tuple(True if value is None else value for value in options.values())
+    return tuple(bool(value) for value in options.values())
 
 
 def activation_name(config) -> str:

@@ -42,18 +42,17 @@ def carve_command(
     ),
     compensate: Optional[bool] = typer.Option(
         None,
-        help="Add the mean output of the routed experts a token leaves out. Default: on, off "
-        "with --exportable.",
+        help="Add the mean output of the routed experts a token leaves out (default: off).",
         show_default=False,
     ),
     adaptive: Optional[bool] = typer.Option(
         None,
-        help="Layer-adaptive budgets: more active experts where the carve error is largest. "
-        "Default: on, off with --exportable.",
+        help="Layer-adaptive budgets: more active experts where the carve error is largest, at "
+        "the same average (default: off).",
         show_default=False,
     ),
     refit: bool = typer.Option(
-        False,
+        True,
         help="Refit the down projections (and compensation) by least squares once routing is "
         "fixed.",
     ),

@@ -793,6 +793,15 @@ def plot_losses(losses: list[float], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _loss_description(c: dict) -> str:
+    if not c.get("distill"):
+        return "next-token cross-entropy"
+    text = f"KL divergence from the dense teacher's logits, temperature {c['temperature']:g}"
+    if c.get("distill_hidden"):
+        text += f", plus {c['distill_hidden']:g} x per-layer hidden-state MSE"
+    return text
+
+
 def finetune_card(record: dict) -> str:
     """The fine-tuning section appended to the model card."""
     c = record["config"]
@@ -818,6 +827,7 @@ def finetune_card(record: dict) -> str:
         (f"| optimizer | AdamW betas ({c['adam_beta1']}, {c['adam_beta2']}), lr {lrs}, "
          f"{c['schedule']} after {c['warmup_ratio']:g} warmup |"),
         f"| load balancing | selection-bias update, gamma {c['gamma']:g} per step |",
+        f"| loss | {_loss_description(c)} |",
         (f"| training loss | {record['loss_first']:.3f} (first step) -> "
          f"{record['loss_last']:.3f} (mean of the last 10) |"),
         (f"| load max/mean | {load[0] if load else float('nan'):.2f} (first step) -> "

@@ -57,7 +57,7 @@ def test_compensation_lowers_held_out_error():
     errors = {}
     for compensate in (False, True):
         model = tiny_model("llama")
-        config = CarveConfig(spec="S2A2E8", k_act=5, compensate=compensate)
+        config = CarveConfig(spec="S2A2E8", k_act=5, compensate=compensate, refit=False)
         result = carve_model(model, calib_ids(8, 32), config, progress=False)
         errors[compensate] = sum(r.reconstruction_error for r in result.layers)
     assert errors[True] < errors[False]
@@ -70,7 +70,8 @@ def test_compensation_is_the_mean_output_of_left_out_experts():
     from cmoe_carve.router_fit import expert_outputs
 
     model = tiny_model("llama")
-    carve_model(model, calib_ids(2, 16), CarveConfig(spec="S1A2E5", k_act=4, adaptive=False), progress=False)
+    config = CarveConfig(spec="S1A2E5", k_act=4, adaptive=False, refit=False)
+    carve_model(model, calib_ids(2, 16), config, progress=False)
     carved = next(m for m in model.modules() if isinstance(m, CarvedMLP))
     x = torch.randn(50, carved.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(4))
     _fit_compensation(carved, x)

@@ -95,7 +95,7 @@ def test_refit_reaches_the_least_squares_optimum_of_the_real_forward(compensate)
     gen = torch.Generator().manual_seed(4)
     target = carved(x).detach() + 0.3 * torch.randn(x.shape[0], carved.hidden_size, generator=gen)
     before, grad_down, grad_bias = _loss_and_grads(carved, x, target)
-    refit_down(carved, x, target, ridge=1e-9)
+    refit_down(carved, x, target, ridge=1e-9, fit_compensation=True)
     after, grad_down_after, grad_bias_after = _loss_and_grads(carved, x, target)
     assert after < 0.9 * before
     assert grad_down_after.abs().max() < 1e-3 * grad_down.abs().max()
@@ -103,6 +103,21 @@ def test_refit_reaches_the_least_squares_optimum_of_the_real_forward(compensate)
         assert grad_bias_after.abs().max() < 1e-3 * grad_bias.abs().max()
     else:
         assert carved.expert_bias.abs().max() == 0  # no compensation stays no compensation
+
+
+def test_fixed_compensation_is_kept_and_allowed_for():
+    # Without fit_compensation the left-out biases stay as they are and the down projections
+    # are optimal given them: the gradient in the down projections vanishes, not in the biases.
+    carved, x = _carved_layer(True)
+    bias = carved.expert_bias.detach().clone()
+    target = carved(x).detach() + 0.3 * torch.randn(x.shape[0], carved.hidden_size,
+                                                    generator=torch.Generator().manual_seed(6))
+    _, grad_down, _ = _loss_and_grads(carved, x, target)
+    refit_down(carved, x, target, ridge=1e-9)
+    _, grad_down_after, _ = _loss_and_grads(carved, x, target)
+    assert torch.equal(carved.expert_bias.detach(), bias)
+    assert bias.abs().max() > 0
+    assert grad_down_after.abs().max() < 1e-3 * grad_down.abs().max()
 
 
 def test_refit_ridge_pulls_toward_the_slices():
