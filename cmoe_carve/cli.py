@@ -25,6 +25,10 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if kwargs.get("progress") is False:  # --no-progress: transformers' loading bars too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         try:
             return fn(*args, **kwargs)
         except CmoeError as err:

@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_output_file, write_text_file
 from . import bench
 from .errors import CmoeError
 
@@ -100,6 +101,8 @@ def bench_command(
         device=device,
         loop_baseline=loop_baseline,
     )
+    if json_out is not None and str(json_out) != "-":
+        check_output_file(json_out, "--json")  # before the work, not after it
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout)  # keep stdout for the JSON when it goes there
     models = bench.load_bench_models(
@@ -116,7 +119,7 @@ def bench_command(
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            json_out.write_text(text + "\n", encoding="utf-8")
+            write_text_file(json_out, text + "\n", "--json")
             console.print(f"results written to {json_out}")
     if profile is not None:
         with_loop = bench.LOOP_LABEL in report.labels

@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_output_file, write_text_file
 from . import evaluate
 from .errors import CmoeError
 
@@ -89,6 +90,8 @@ def eval_command(
     )
     if not names and not tasks:
         raise CmoeError("nothing to evaluate: name --datasets (wikitext2,c4 or files) or --tasks")
+    if json_out is not None and str(json_out) != "-":
+        check_output_file(json_out, "--json")  # before the work, not after it
     if tasks:
         evaluate.require_lm_eval()  # before any model loads, not after an hour of perplexity
     to_stdout = json_out is not None and str(json_out) == "-"
@@ -144,7 +147,7 @@ def eval_command(
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            json_out.write_text(text + "\n", encoding="utf-8")
+            write_text_file(json_out, text + "\n", "--json")
             console.print(f"results written to {json_out}")
 
 

@@ -250,7 +250,8 @@ def evaluate_datasets(
     if neuron_keep is not None or shared_neuron_keep is not None:
         description += f" (neuron keep {loaded.model.config.cmoe.get('neuron_keep', 1.0)}/" \
             f"{loaded.model.config.cmoe.get('shared_neuron_keep', 1.0)})"
-    all_windows = [eval_windows(tokenizer, source, seqlen, max_windows) for source in sources]
+    context = model_context_length(loaded.model)
+    all_windows = [eval_windows(tokenizer, source, seqlen, max_windows, context) for source in sources]
     results = [
         perplexity(loaded.model, windows, batch_size, progress, description=source.dataset)
         for source, windows in zip(sources, all_windows, strict=True)
