@@ -51,7 +51,8 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(["x"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=alphabet))
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    # The newline byte doubles as end of text: lm-eval needs one, and the 256 ids are all bytes.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ċ")
 
 
 def save_dense(path, family: str = "llama", seed: int = 0):
