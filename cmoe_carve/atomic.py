@@ -105,6 +105,7 @@ def atomic_directory(out: Path, overwrite: bool):
         try:
             yield tmp
             _fsync_tree(tmp)  # the data reach the disk before the rename makes them visible
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a plain mkdir would not
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -113,6 +114,12 @@ def atomic_directory(out: Path, overwrite: bool):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:
@@ -162,11 +169,20 @@ def output_lock(out: Path):
         os.close(fd)  # locked a file that its owner removed meanwhile: lock the new one
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
+        remove_stale_partials(Path(out))
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Temporary directories of `out` left by killed runs. Called with the lock held: only the
+    lock holder writes them, so any that exist belong to a process that is gone."""
+    out = Path(out).expanduser().absolute()
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def holds_output_lock(fn: Callable) -> Callable:
