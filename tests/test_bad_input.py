@@ -232,3 +232,15 @@ def test_bad_input_in_a_real_process(name, pristine, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
     assert all(word in lines[0] for word in words), lines[0]
     assert snapshot(root) == before
+
+
+def test_short_text_suggests_a_window_the_model_can_take():
+    """The issue's case: 30,500 tokens of text, a 8192-token model, --seqlen 40000."""
+    from cmoe_carve.data import TextSource, _require_one_window
+    from cmoe_carve.errors import DataError
+
+    source = TextSource(dataset="file", split=None, origin="t.txt", text="x")
+    with pytest.raises(DataError, match=r"use --seqlen 8192 or less"):
+        _require_one_window(source, 30500, 40000, context=8192)
+    with pytest.raises(DataError, match=r"use --seqlen 300 or less"):
+        _require_one_window(source, 300, 400, context=8192)
