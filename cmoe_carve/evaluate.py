@@ -322,7 +322,8 @@ def require_lm_eval():
         import lm_eval
     except ImportError:
         raise CmoeError(
-            "lm-eval is not installed: `pip install lm-eval` (lm-evaluation-harness) to run --tasks"
+            "lm-eval is not installed: `pip install -e \".[lm-eval]\"` in the project (or `pip "
+            "install lm-eval==0.4.13`, the version tested) to run --tasks"
         ) from None
     return lm_eval
 

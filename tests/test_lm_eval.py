@@ -154,3 +154,13 @@ def test_local_task_on_smollm2(models, monkeypatch):
     path, _ = resolve_model_path(None)  # the dequantized default, as a directory
     results = run_lm_eval(path, TASK, include_path=[str(models / "tasks")])
     assert results[TASK]["perplexity,none"] == pytest.approx(own_perplexity(path), rel=1e-3)
+
+
+def test_cli_without_lm_eval_says_how_to_install(models, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    result = CliRunner().invoke(app, ["eval", str(models / "dense"), "--datasets", "none",
+                                      "--tasks", TASK])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "lm-eval==0.4.13" in lines[0], result.output
