@@ -191,6 +191,10 @@ def holds_output_lock(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Under `accelerate launch`/torchrun every rank runs the command and only rank 0
+        # writes: it alone takes the lock (the others would find it held and stop).
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            return fn(*args, **kwargs)
         out = signature.bind(*args, **kwargs).arguments["out"]
         with output_lock(Path(out)):
             return fn(*args, **kwargs)

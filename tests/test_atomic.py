@@ -78,3 +78,17 @@ def test_results_file_is_written_whole(tmp_path):
     assert path.read_text() == "{}\n" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
     with pytest.raises(CheckpointError, match="is a directory"):
         write_text_file(tmp_path, "{}", "--json")
+
+
+def test_only_rank_zero_of_a_distributed_run_takes_the_lock(tmp_path, monkeypatch):
+    from cmoe_carve.atomic import holds_output_lock
+
+    @holds_output_lock
+    def write(out):
+        return lock_path(out).exists()
+
+    out = tmp_path / "out"
+    assert write(out) is True  # a single process, or rank 0, holds it
+    monkeypatch.setenv("RANK", "1")
+    with output_lock(out):  # rank 0 holds it while rank 1 runs
+        assert write(out) is True  # rank 1 goes on (the file seen is rank 0's)
