@@ -65,7 +65,7 @@ EVAL = ["eval", "{m}", "--datasets", "{root}/text.txt", "--seqlen", "16", "--max
 FT = ["finetune", "{m}", "--out", "{root}/out", "--data", "{root}/text.txt", "--samples", "2",
       "--seqlen", "16", "--save-every", "0", "--no-progress"]
 BENCH = ["bench", "{m}", "--tokens", "4", "--batch", "1", "--new-tokens", "2", "--repeats", "1",
-         "--warmup", "0", "--no-loop-baseline"]
+         "--warmup", "0", "--no-loop-baseline", "--no-progress"]
 
 # (id, argv, model, breaks, words the message must contain)
 CASES = [
@@ -127,6 +127,8 @@ CASES = [
     ("bench-missing-compare", BENCH + ["--compare", "{root}/nowhere"], "dense", [],
      ["does not exist"]),
     ("bench-bad-device", BENCH + ["--device", "cuda"], "dense", [], ["--device"]),
+    ("bench-profile-in-missing-dir", BENCH + ["--profile", "{root}/no/such/p.txt"], "dense", [],
+     ["--profile", "not a directory"]),
     # neuron-keep: a carved checkpoint, changed in place
     ("neuron-keep-dense-input", ["neuron-keep", "{m}", "0.5"], "dense", [],
      ["not a carved checkpoint"]),
