@@ -119,7 +119,7 @@ def report(build_kernels: bool = True) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
-        "fused_cpu_step": fused_cpu_step() if build_kernels else {"usable": None, "why": "not checked"},
+        "fused_cpu_step": fused_cpu_step() if build_kernels else {"usable": None, "why": "--no-build"},
         "triton": triton_status(),
         "caches": {
             name: {"path": str(path), "bytes": folder_size(path)}
