@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from typer.testing import CliRunner
 
 from cmoe_carve.cli import app
@@ -28,9 +29,9 @@ def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_input")
     save_dense(root / "dense")
     save_carved_tiny(root / "carved")
-    gpt2 = __import__("transformers").GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256,
-                                                 n_positions=64)
-    __import__("transformers").GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    # GPT-2: a plain (ungated) MLP, which carving refuses
+    gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256, n_positions=64)
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
     shutil.copy(root / "dense" / "tokenizer.json", root / "gpt2")
     shutil.copy(root / "dense" / "tokenizer_config.json", root / "gpt2")
     (root / "text.txt").write_text(TEXT)
