@@ -903,7 +903,12 @@ def load_bench_models(
     """The model to benchmark and its reference, labelled "carved"/"dense" by what they are.
     The keep ratios (MoNE) override the first model's only, so that a carved checkpoint can be
     compared with itself without neuron selection."""
+    from .loading import resolve_model_path
+
     keep = {"neuron_keep": neuron_keep, "shared_neuron_keep": shared_neuron_keep}
+    for ref in (model_ref, compare_ref):  # a wrong path fails before the first model loads
+        if ref not in (None, DEFAULT_MODEL_REF) and not ref.lower().endswith(".gguf"):
+            resolve_model_path(ref)
     loaded = [_load(model_ref, dtype, device, **keep)]
     if compare_ref is not None:
         loaded.append(_load(compare_ref, dtype, device))

@@ -6,19 +6,18 @@ interrupted write never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
 from . import __version__, modeling_cmoe
+from .atomic import atomic_directory, check_output_dir  # noqa: F401 - re-exported for callers
 from .errors import CheckpointError
 from .loading import parse_dtype
+from .validate import check_model_dir, read_config
 
 MODELING_FILE = "modeling_cmoe.py"
 REPORT_FILE = "carve_report.json"
@@ -71,32 +70,14 @@ def as_carved_model(model: torch.nn.Module, cmoe: dict) -> torch.nn.Module:
     return model
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty directory (or a file) unless asked to."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file: choose a directory path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(
-            f"{out} already exists and is not empty: choose another --out or pass --overwrite"
-        )
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool):
-    """Yield a temporary directory that becomes `out` only if the block completes."""
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def routed_budget(cmoe: dict) -> str:
+    """How many routed experts a token uses: "2", or "on average 2 (1-4 by layer)" when
+    layer-adaptive budgets differ between layers."""
+    top_k = cmoe["top_k"] if isinstance(cmoe["top_k"], list) else [cmoe["top_k"]]
+    if min(top_k) == max(top_k):
+        return str(top_k[0])
+    mean = sum(top_k) / len(top_k)
+    return f"on average {mean:.3g} ({min(top_k)}-{max(top_k)} by layer)"
 
 
 def model_card(cmoe: dict, meta: dict) -> str:
@@ -110,13 +91,15 @@ def model_card(cmoe: dict, meta: dict) -> str:
         "---",
         f"# {meta.get('source_model', 'model')} carved into a Mixture-of-Experts ({cmoe['spec']})",
         "",
-        "Made with [cmoe-carve](https://github.com/) (CMoE, arXiv 2502.04416): the dense FFNs were",
+        # No public home page yet: name the tool and its version rather than link a placeholder.
+        f"Made with cmoe-carve {__version__} ([CMoE, arXiv 2502.04416]"
+        "(https://arxiv.org/abs/2502.04416)): the dense FFNs were",
         "cut into shared and routed experts without retraining.",
         "",
         "| | |",
         "|---|---|",
         f"| source model | {meta.get('source_model')} |",
-        f"| spec | {cmoe['spec']}: {cmoe['num_shared']} shared + {cmoe['top_k'][0]} of "
+        f"| spec | {cmoe['spec']}: {cmoe['num_shared']} shared + {routed_budget(cmoe)} of "
         f"{cmoe['num_experts'] - cmoe['num_shared']} routed experts, {cmoe['expert_size']} neurons each |",
         f"| active FFN fraction | {ffn_active_fraction(cmoe):.3f} (FFN weights read per token: {ffn_read_fraction(cmoe):.3f}) |",
         f"| neuron keep (MoNE) | routed {cmoe.get('neuron_keep', 1.0)}, shared {cmoe.get('shared_neuron_keep', 1.0)} |",
@@ -166,11 +149,10 @@ def save_carved(
 
 def read_carved_config(path: Path) -> dict:
     """The whole config.json of a carved checkpoint; CheckpointError for anything else."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{path} has no config.json: not a model directory")
-    values = json.loads(config.read_text())
-    if "cmoe" not in values:
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path} is not a directory: pass a carved checkpoint (from `cmoe carve`)")
+    values = read_config(Path(path))
+    if not isinstance(values.get("cmoe"), dict):
         raise CheckpointError(f"{path} is not a carved checkpoint (no `cmoe` in config.json): run `cmoe carve` first")
     return values
 
@@ -189,6 +171,7 @@ def load_carved(
     """Load a carved checkpoint with this package's classes (no remote code needed)."""
     path = Path(path)
     cmoe = read_cmoe_config(path)
+    check_model_dir(path)
     _, model_cls = carved_classes(cmoe)
     placement = {"device_map": device_map} if device_map else {}
     model = model_cls.from_pretrained(path, dtype=parse_dtype(dtype), **placement)

@@ -25,6 +25,10 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if kwargs.get("progress") is False:  # --no-progress: transformers' loading bars too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         try:
             return fn(*args, **kwargs)
         except CmoeError as err:
@@ -39,13 +43,14 @@ def user_errors(fn: Callable) -> Callable:
 
 def _register() -> None:
     # Each command lives in its own module; importing them here keeps `cmoe --help` complete.
-    from . import cli_bench, cli_carve, cli_eval, cli_finetune, cli_neuron_keep
+    from . import cli_bench, cli_carve, cli_doctor, cli_eval, cli_finetune, cli_neuron_keep
 
     app.command("carve")(user_errors(cli_carve.carve_command))
     app.command("eval")(user_errors(cli_eval.eval_command))
     app.command("bench")(user_errors(cli_bench.bench_command))
     app.command("finetune")(user_errors(cli_finetune.finetune_command))
     app.command("neuron-keep")(user_errors(cli_neuron_keep.neuron_keep_command))
+    app.command("doctor")(user_errors(cli_doctor.doctor_command))
 
 
 _register()

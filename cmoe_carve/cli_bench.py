@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_output_file, write_text_file
 from . import bench
 from .errors import CmoeError
 
@@ -100,6 +101,10 @@ def bench_command(
         device=device,
         loop_baseline=loop_baseline,
     )
+    if json_out is not None and str(json_out) != "-":
+        check_output_file(json_out, "--json")  # before the work, not after it
+    if profile is not None:
+        check_output_file(profile, "--profile")
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout)  # keep stdout for the JSON when it goes there
     models = bench.load_bench_models(
@@ -116,7 +121,7 @@ def bench_command(
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            json_out.write_text(text + "\n", encoding="utf-8")
+            write_text_file(json_out, text + "\n", "--json")
             console.print(f"results written to {json_out}")
     if profile is not None:
         with_loop = bench.LOOP_LABEL in report.labels
@@ -226,4 +231,4 @@ def _write_profiles(path: Path, models, config, with_loop: bool) -> None:
         if with_loop and bench.carved_ffn_backend(m.model):
             table = bench.profile_decode(m, config, loop=True)
             parts.append(f"== {m.label} with the per-expert loop\n{table}")
-    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    write_text_file(path, "\n\n".join(parts) + "\n", "--profile")

@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_output_file, write_text_file
 from . import evaluate
 from .errors import CmoeError
 
@@ -63,6 +64,13 @@ def eval_command(
         help="Comma-separated lm-eval tasks (piqa,arc_easy,...), run through lm-evaluation-harness "
         "when it is installed (pip install lm-eval).",
     ),
+    include_path: Optional[list[Path]] = typer.Option(
+        None,
+        "--include-path",
+        help="A folder of lm-eval task YAMLs (local tasks, e.g. with data from json files); "
+        "repeatable. --tasks may also name a task YAML file.",
+        show_default=False,
+    ),
     neuron_keep: Optional[float] = typer.Option(
         None,
         "--neuron-keep",
@@ -89,8 +97,15 @@ def eval_command(
     )
     if not names and not tasks:
         raise CmoeError("nothing to evaluate: name --datasets (wikitext2,c4 or files) or --tasks")
-    if tasks:
-        evaluate.require_lm_eval()  # before any model loads, not after an hour of perplexity
+    if json_out is not None and str(json_out) != "-":
+        check_output_file(json_out, "--json")  # before the work, not after it
+    manager = None
+    if tasks:  # before any model loads, not after an hour of perplexity
+        from .lm_tasks import check_tasks, task_manager
+
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        manager = task_manager(include_path, task_list)
+        check_tasks(manager, task_list)
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout)  # keep stdout for the JSON when it goes there
     report = None
@@ -124,7 +139,8 @@ def eval_command(
             if key in lm_results:  # a checkpoint compared with itself
                 key = f"{key} (reference)"
             lm_results[key] = evaluate.run_lm_eval(
-                ref, tasks, batch_size=batch_size, device=device, dtype=dtype, **keep
+                ref, tasks, batch_size=batch_size, device=device, dtype=dtype, manager=manager,
+                **keep,
             )
         console.print_json(data=lm_results)
     if json_out is not None:
@@ -144,7 +160,7 @@ def eval_command(
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            json_out.write_text(text + "\n", encoding="utf-8")
+            write_text_file(json_out, text + "\n", "--json")
             console.print(f"results written to {json_out}")
 
 

@@ -250,7 +250,8 @@ def evaluate_datasets(
     if neuron_keep is not None or shared_neuron_keep is not None:
         description += f" (neuron keep {loaded.model.config.cmoe.get('neuron_keep', 1.0)}/" \
             f"{loaded.model.config.cmoe.get('shared_neuron_keep', 1.0)})"
-    all_windows = [eval_windows(tokenizer, source, seqlen, max_windows) for source in sources]
+    context = model_context_length(loaded.model)
+    all_windows = [eval_windows(tokenizer, source, seqlen, max_windows, context) for source in sources]
     results = [
         perplexity(loaded.model, windows, batch_size, progress, description=source.dataset)
         for source, windows in zip(sources, all_windows, strict=True)
@@ -321,7 +322,8 @@ def require_lm_eval():
         import lm_eval
     except ImportError:
         raise CmoeError(
-            "lm-eval is not installed: `pip install lm-eval` (lm-evaluation-harness) to run --tasks"
+            "lm-eval is not installed: `pip install -e \".[lm-eval]\"` in the project (or `pip "
+            "install lm-eval==0.4.13`, the version tested) to run --tasks"
         ) from None
     return lm_eval
 
@@ -337,8 +339,14 @@ def run_lm_eval(
     limit: int | float | None = None,
     neuron_keep: float | None = None,
     shared_neuron_keep: float | None = None,
+    include_path: Sequence[str] | None = None,
+    manager=None,
 ) -> dict[str, dict]:
     """Downstream tasks through lm-eval's `hf` backend; returns {task: {metric: value}}.
+
+    `include_path`: folders of task YAMLs (local tasks; see `cmoe_carve.lm_tasks`), or
+    `manager`, an lm-eval TaskManager already built. The tasks and their data are loaded before
+    the model, so a missing task or dataset fails in seconds.
 
     A model directory (dense or carved: `trust_remote_code=True` loads the carved modeling code)
     or a hub id goes to lm-eval by name; a `.gguf` file or None (the built-in default) is loaded
@@ -349,7 +357,11 @@ def run_lm_eval(
     task_list = [t for t in task_list if t]
     if not task_list:
         raise CmoeError("no lm-eval task named: pass --tasks piqa,arc_easy,...")
-    common = dict(tasks=task_list, batch_size=batch_size, num_fewshot=num_fewshot, limit=limit)
+    from .lm_tasks import load_tasks, task_manager
+
+    manager = manager or task_manager(include_path, task_list)
+    common = dict(tasks=load_tasks(manager, task_list), batch_size=batch_size,
+                  num_fewshot=num_fewshot, limit=limit, task_manager=manager)
     keep = _keep_overrides(neuron_keep, shared_neuron_keep)
     by_name = (
         model_ref not in (None, DEFAULT_MODEL_REF)

@@ -23,7 +23,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -44,8 +43,11 @@ from .checkpoint import (
     read_cmoe_config,
     save_carved,
 )
+from .atomic import holds_output_lock
 from .errors import CheckpointError, CmoeError
+from .preflight import check_finetune_inputs
 from .progress import progress_bar
+from .state_io import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +362,7 @@ def step_plan(
 def state_path(out: Path) -> Path:
     """Where the periodic training state of a run writing `out` lives (beside `out`)."""
     out = Path(out)
-    return out.parent / f".{out.name}.finetune-state.pt"
+    return out.parent / f".{out.name}.finetune-state.safetensors"  # never a pickle: state_io
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -369,13 +371,6 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _router_biases(mlps) -> torch.Tensor:
     return torch.stack([m.router.bias.detach().cpu().clone() for m in mlps])  # [L, Nr]
-
-
-def save_state(path: Path, state: dict) -> None:
-    """Write the state to a temporary file and rename it: a crash leaves the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def check_resumable(state: dict, identity: dict) -> None:
@@ -427,6 +422,7 @@ def _saved_dtype(carved_dir: Path) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
+@holds_output_lock  # one writer per --out (and per state file beside it)
 def finetune(
     carved_dir: str | Path,
     out: str | Path,
@@ -447,6 +443,7 @@ def finetune(
     """
     config = config or FinetuneConfig()
     carved_dir, out = Path(carved_dir), Path(out)
+    check_finetune_inputs(carved_dir, out, overwrite)
     cmoe = read_cmoe_config(carved_dir)
     # Training with MoNE on: gradients reach the kept neurons only, as at inference.
     for key in ("neuron_keep", "shared_neuron_keep"):
@@ -516,6 +513,7 @@ class _Run:
         from transformers import AutoTokenizer
 
         from .data import calibration_windows, resolve_text
+        from .evaluate import model_context_length
         from .mone import set_neuron_keep
 
         accelerator = Accelerator(mixed_precision=_precision(config, cpu), cpu=cpu)
@@ -527,7 +525,8 @@ class _Run:
         )
         set_neuron_keep(model, cmoe.get("neuron_keep"), cmoe.get("shared_neuron_keep"))
         source = resolve_text(config.data, purpose="calibration", data_dir=data_dir)
-        windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed)
+        windows = calibration_windows(tokenizer, source, config.samples, config.seqlen, config.seed,
+                                      context=model_context_length(model))
         plan = step_plan(len(windows), config.batch_size, config.grad_accum, config.epochs,
                          accelerator.num_processes, config.seed)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
@@ -593,7 +592,7 @@ class _Run:
 
     def restore(self, state_file: Path) -> int:
         """Load a snapshot saved by an interrupted run; returns the step to continue from."""
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = load_state(state_file)
         check_resumable(state, self.identity)
         keys = self.accelerator.unwrap_model(self.model).load_state_dict(state["trainable"], strict=False)
         if keys.unexpected_keys:

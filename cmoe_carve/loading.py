@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .validate import check_device, check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def resolve_model_path(ref: str | None) -> tuple[str, str]:
                 f"{ref} is not a model directory (no config.json): pass a Hugging Face model "
                 "directory, a .gguf file, or a hub id"
             )
+        check_model_dir(path)  # a broken config or truncated weights: one line, not a traceback
         return str(path), str(path)
     if ref.count("/") > 1 or ref.startswith((".", "/", "~")):
         raise ModelError(f"model path {ref} does not exist: check the path")
@@ -163,6 +165,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    if not device_map:
+        check_device(device)
     path, description = resolve_model_path(ref)
     placement = {"device_map": device_map} if device_map else {}
     overrides = neuron_keep is not None or shared_neuron_keep is not None
@@ -186,7 +190,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # missing files, hub offline, unknown model_type
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
             f"cannot load model {ref!r}: {first} (pass a local directory or .gguf file when "

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import torch
 
+from .atomic import holds_output_lock
 from .carve import CarveConfig, carve_model
-from .checkpoint import check_output_dir, save_carved
+from .checkpoint import save_carved
 from .errors import DataError
 from .loading import load_model
+from .preflight import check_carve_inputs
 
 log = logging.getLogger(__name__)
 
 
+@holds_output_lock  # two carves to one --out: the second fails at once
 def carve(
     model: str | None,
     out: str | Path,
@@ -34,18 +37,22 @@ def carve(
 ) -> Path:
     """Carve `model` (hub id, directory, .gguf, or None for the default) into `out`."""
     from .data import calibration_windows, resolve_text
+    from .evaluate import model_context_length
 
     config = config or CarveConfig()
     if calib_samples < 1 or seqlen < 2:
         raise DataError("--calib-samples must be >= 1 and --seqlen >= 2")
-    # Fail on an occupied --out before spending minutes on loading and carving.
-    check_output_dir(Path(out), overwrite)
+    # Fail on an occupied, unwritable or wrong --out, a broken model or a missing text before
+    # spending minutes on loading and carving.
+    check_carve_inputs(model, Path(out), overwrite, dtype=dtype, device=device, device_map=device_map,
+                       seqlen=seqlen)
+    source = resolve_text(calib, purpose="calibration", data_dir=data_dir)
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
     if loaded.is_carved:
         raise DataError(f"{model} is already carved: pass the dense source model")
-    source = resolve_text(calib, purpose="calibration", data_dir=data_dir)
     log.info("calibration text: %s", source.describe())
-    ids = calibration_windows(loaded.tokenizer, source, calib_samples, seqlen, seed)
+    ids = calibration_windows(loaded.tokenizer, source, calib_samples, seqlen, seed,
+                              context=model_context_length(loaded.model))
     log.info("carving %s at %s on %d x %d tokens", loaded.description, config.spec, *ids.shape)
     result = carve_model(loaded.model, ids, config, progress=progress)
     log.info("carved in %.1f s (model loading excluded)", result.seconds)

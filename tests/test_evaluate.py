@@ -262,25 +262,6 @@ def test_lm_eval_missing_says_how_to_install(monkeypatch):
         evaluate.run_lm_eval("some/dir", "piqa")
 
 
-def test_lm_eval_runs_the_hf_backend_on_a_directory(monkeypatch, tmp_path):
-    calls = []
-
-    def simple_evaluate(**kwargs):
-        calls.append(kwargs)
-        return {"results": {"piqa": {"acc,none": 0.5}}}
-
-    monkeypatch.setitem(
-        sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate)
-    )
-    results = evaluate.run_lm_eval(str(tmp_path), "piqa, arc_easy", batch_size=2)
-    assert results == {"piqa": {"acc,none": 0.5}}
-    (call,) = calls
-    assert (
-        call["model"] == "hf" and call["tasks"] == ["piqa", "arc_easy"] and call["batch_size"] == 2
-    )
-    assert call["model_args"] == f"pretrained={tmp_path},trust_remote_code=True,dtype=float32"
-
-
 def test_cli_eval_json_to_stdout_keeps_the_table_off_it(data_dir, fake_loading):
     import typer
     from typer.testing import CliRunner

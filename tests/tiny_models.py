@@ -39,3 +39,37 @@ def tiny_model(family: str, seed: int = 0):
 
 def calib_ids(n: int = 2, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, COMMON["vocab_size"], (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def byte_tokenizer():
+    """Byte-level BPE without merges: 256 ids, the tiny model's vocabulary, no files needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(["x"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=alphabet))
+    # The newline byte doubles as end of text: lm-eval needs one, and the 256 ids are all bytes.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ċ")
+
+
+def save_dense(path, family: str = "llama", seed: int = 0):
+    """A tiny dense model directory with a tokenizer, as `cmoe carve` takes it."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_carved_tiny(path, spec: str = "S2A2E8", family: str = "llama"):
+    """A tiny carved checkpoint directory (carved in-process, about a second)."""
+    from cmoe_carve.carve import CarveConfig, carve_model
+    from cmoe_carve.checkpoint import save_carved
+
+    model = tiny_model(family)
+    result = carve_model(model, calib_ids(), CarveConfig(spec=spec, k_act=5), progress=False)
+    save_carved(model, byte_tokenizer(), path, result.cmoe, {"layers": []},
+                {"source_model": f"tiny {family}"})
+    return path
