@@ -100,6 +100,10 @@ def export(
     if fmt == "hf" and quant != "f32":
         raise CheckpointError("--quant applies to --format gguf; the hf export is float32")
     rewrite.check_config(read_carved_config(carved))
+    if not approximate:  # refuse before minutes of loading
+        rewrite.require_allowed(
+            [rewrite.Note(f, "approximate", "") for f in rewrite.lossy_features(carved)], False
+        )
     if fmt == "gguf":
         if out.is_dir():
             raise CheckpointError(f"--out {out} is a directory: pass a file path such as model.gguf")

@@ -74,6 +74,33 @@ def check_config(values: dict) -> None:
         )
 
 
+def lossy_features(path) -> list[str]:
+    """The approximations a checkpoint needs, read from config.json and the few routing tensors
+    of model.safetensors (one tensor at a time), so that a refusal comes before loading."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    import json
+
+    cmoe = json.loads((Path(path) / "config.json").read_text())["cmoe"]
+    found = set()
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        return []  # sharded or missing: the loaded model is checked instead
+    with safe_open(str(weights), "pt") as f:
+        for name in f.keys():
+            if name.endswith("expert_bias") and cmoe.get("compensate") and f.get_tensor(name).abs().max() > 0:
+                found.add("compensation (expert_bias)")
+            elif name.endswith("router.bias") and f.get_tensor(name).abs().max() > 0:
+                found.add("selection bias b")
+            elif name.endswith("router.scale") and f.get_tensor(name).abs().max() > 0:
+                found.add("router scale u")
+    if float(cmoe.get("neuron_keep", 1.0)) < 1.0 or float(cmoe.get("shared_neuron_keep", 1.0)) < 1.0:
+        found.add("MoNE neuron keep")
+    return sorted(found)
+
+
 def check_source(model: torch.nn.Module) -> list[Note]:
     """Attention-side checks: the source family must be one glm4_moe's attention reproduces."""
     cmoe = model.config.cmoe
