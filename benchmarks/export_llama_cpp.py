@@ -196,9 +196,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="threads for the perplexity runs")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--speed-rows", type=Path, help="reuse speed rows (JSON lines this script printed) instead of measuring")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/export_llama_cpp"))
     args = ap.parse_args()
-    rows = speed(args.bin, args.dense_f32, args.carved_f32, args.rounds, QUANTS, (1, 2))
+    if args.speed_rows:
+        rows = [json.loads(line) for line in args.speed_rows.read_text().splitlines() if line.strip()]
+    else:
+        rows = speed(args.bin, args.dense_f32, args.carved_f32, args.rounds, QUANTS, (1, 2))
     q = None if args.no_quality else quality(args, args.dense_f32, args.carved_f32)
     args.out.with_suffix(".json").write_text(json.dumps({"speed": rows, "perplexity": q}, indent=2))
     args.out.with_suffix(".md").write_text(table(rows, q))
