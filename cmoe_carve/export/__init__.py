@@ -213,6 +213,9 @@ def _export_gguf(native, carved, out, quant, tok_gguf, reference, ids, report, e
                 fid = fidelity.compare_logits(reference[0], logits, ids)
                 result["fidelity"] = fid.record()
                 echo(f"gguf export ({quant}) vs carved (llama.cpp): {fid.summary()}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)
