@@ -43,7 +43,9 @@ def user_errors(fn: Callable) -> Callable:
 
 def _register() -> None:
     # Each command lives in its own module; importing them here keeps `cmoe --help` complete.
-    from . import cli_bench, cli_carve, cli_doctor, cli_eval, cli_finetune, cli_neuron_keep
+    from . import (
+        cli_bench, cli_carve, cli_doctor, cli_eval, cli_export, cli_finetune, cli_neuron_keep,
+    )
 
     app.command("carve")(user_errors(cli_carve.carve_command))
     app.command("eval")(user_errors(cli_eval.eval_command))
@@ -51,6 +53,7 @@ def _register() -> None:
     app.command("finetune")(user_errors(cli_finetune.finetune_command))
     app.command("neuron-keep")(user_errors(cli_neuron_keep.neuron_keep_command))
     app.command("doctor")(user_errors(cli_doctor.doctor_command))
+    app.command("export")(user_errors(cli_export.export_command))
 
 
 _register()
