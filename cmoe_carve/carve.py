@@ -20,17 +20,17 @@ from .errors import ModelError, SpecError
 from .grouping import group_neurons
 from .modeling_cmoe import CarvedMLP, find_gated_mlps, replace_module
 from .profiling import profile_layer
-from .budget import allocate_budgets, balance_bias, error_by_active_experts
-from .router_fit import (
-    down_grams,
-    expert_output_norms,
-    expert_hidden,
-    expert_outputs,
-    norms_from_hidden,
-    fit_linear_router,
-    hidden_chunks,
-    oracle_agreement,
-    standardize_rows,
+from .budget import allocate_budgets, balance_bias
+from .layer_fit import (
+    BUDGET_TOKENS,
+    ERROR_TOKENS,
+    FIT_TOKENS,
+    budget_cost,
+    fit_compensation,
+    fit_router,
+    held_out_rows,
+    routing_stats,
+    selection_scores,
 )
 from .progress import progress_bar
 from .refit import refit_down
@@ -306,119 +306,6 @@ class _CarveOnCall(nn.Module):
         return self.carved(hidden_states)
 
 
-def _held_out_rows(num_tokens: int, limit: int) -> torch.Tensor:
-    """Evenly spaced token rows (at most `limit`, at most a quarter of all) held out from the
-    router fit, for measuring reconstruction error and oracle agreement."""
-    limit = max(1, min(limit, num_tokens // 4))
-    step = max(1, num_tokens // limit)
-    return torch.arange(0, num_tokens, step)[:limit]
-
-
-@torch.no_grad()
-def _routing_stats(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, rows: torch.Tensor):
-    """Expert load (fraction of tokens per routed expert), relative reconstruction error and
-    agreement with the norm-oracle on the held-out rows."""
-    _, _, top = carved.route(x)
-    counts = torch.bincount(top.reshape(-1).cpu(), minlength=carved.num_routed).double()
-    xs = x[rows.to(x.device)]
-    ref = dense(xs).float()
-    err = (carved(xs).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
-    norms = _routed_norms(carved, xs)
-    agree = oracle_agreement(carved.router.logits(xs), norms, carved.top_k)
-    return (counts / x.shape[0]).tolist(), err.item(), agree
-
-
-def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
-    s = carved.num_shared
-    return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
-
-
-def _routed_hidden(carved: CarvedMLP, x: torch.Tensor):
-    """Every routed expert's hidden activations, chunk by chunk: yields [c, Nr, m] fp32."""
-    return hidden_chunks(x, carved.gate_up_proj[carved.num_shared :], carved.act_fn)
-
-
-# Routed hidden activations up to this size are kept between the router fit and the
-# compensation, which both need them (8,192 x 1,344 x 4 B = 44 MB for SmolLM2); larger ones
-# are recomputed.
-_KEEP_HIDDEN_BYTES = 512 * 2**20
-
-
-@torch.no_grad()
-def _fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float):
-    """Replace the representative-neuron router by one regressed on expert output norms.
-    Returns the routed hidden activations on x when small enough to keep, else None."""
-    s = carved.num_shared
-    keep = x.shape[0] * carved.num_routed * carved.down_proj.shape[-1] * 4 <= _KEEP_HIDDEN_BYTES
-    grams = down_grams(carved.down_proj[s:])
-    hidden, norms = [], []
-    for h in _routed_hidden(carved, x):
-        norms.append(norms_from_hidden(h, grams))
-        if keep:
-            hidden.append(h)
-    weight, intercept = fit_linear_router(x, standardize_rows(torch.cat(norms)), ridge)
-    router = carved.router
-    router.kind = "linear"
-    router.gate_weight.copy_(weight)
-    router.up_weight.zero_()  # unused by a linear router
-    router.logit_bias.copy_(intercept)
-    return hidden or None
-
-
-@torch.no_grad()
-def _fit_compensation(carved: CarvedMLP, x: torch.Tensor, hidden=None) -> None:
-    """expert_bias[e] = mean output of routed expert e over the tokens that do not select it.
-
-    The output is linear in the hidden activations, so the mean of outputs is W_down applied to
-    the mean hidden activation: no per-token [D] outputs are formed.
-    """
-    s = carved.num_shared
-    _, _, top = carved.route(x)
-    sums = torch.zeros(carved.num_routed, carved.down_proj.shape[-1], dtype=torch.float64)
-    counts = torch.zeros(carved.num_routed, dtype=torch.float64)
-    start = 0
-    for h in hidden or _routed_hidden(carved, x):
-        left_out = torch.ones(h.shape[:2])
-        left_out.scatter_(1, top[start : start + h.shape[0]].cpu(), 0.0)  # [c, Nr]
-        sums += torch.einsum("ce,cem->em", left_out, h.cpu()).double()
-        counts += left_out.sum(0).double()
-        start += h.shape[0]
-    means = (sums / counts.clamp_min(1)[:, None]).float()  # [Nr, m]
-    bias = torch.einsum("edm,em->ed", carved.down_proj[s:].float(), means.to(carved.down_proj.device))
-    carved.expert_bias.copy_(bias.to(carved.expert_bias.dtype))
-    carved.compensate = True
-
-
-# Tokens the router is fitted on (evenly spaced): a D x D ridge problem (576 for SmolLM2) is
-# well determined by 8,192 samples, and every routed expert's output must be computed for each.
-_FIT_TOKENS = 8192
-
-# Held-out tokens for the per-layer error curves of adaptive budgets: every expert's output is
-# kept for them ([512, E, D] fp32 = 19 MB for SmolLM2).
-_BUDGET_TOKENS = 512
-
-
-@torch.no_grad()
-def _selection_scores(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(carved.router.logits(x), dim=-1)  # [T, Nr]
-
-
-@torch.no_grad()
-def _budget_cost(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, residual: torch.Tensor):
-    """Error of this layer's carved FFN for k = 0..Nr active routed experts, relative to the
-    energy of the residual stream it is added to -> [Nr + 1]."""
-    outs = expert_outputs(x, carved.gate_up_proj, carved.down_proj, carved.act_fn)  # [T, E, D]
-    s = carved.num_shared
-    order = _selection_scores(carved, x) + carved.router.bias.float()
-    err = error_by_active_experts(order, outs[:, s:], outs[:, :s].sum(1), dense(x).float())
-    return err / residual.double().pow(2).sum().clamp_min(1e-30)
-
-
-# Tokens used to measure each layer's reconstruction error: enough for a stable ratio, and a
-# dense FFN on 2,048 tokens costs SmolLM2 about 0.1 s per layer.
-_ERROR_TOKENS = 2048
-
-
 def carve_model(
     model: nn.Module, calib_ids: torch.Tensor, config: CarveConfig, progress: bool = True
 ) -> CarveResult:
@@ -479,25 +366,25 @@ def carve_model(
                     dense, groups, layout.num_shared, layout.top_k, act_name,
                     config.cosine_scores,
                 )
-                rows = _held_out_rows(x.shape[0], _ERROR_TOKENS)
+                rows = held_out_rows(x.shape[0], ERROR_TOKENS)
                 fit = torch.ones(x.shape[0], dtype=torch.bool)
                 fit[rows] = False  # measured on tokens the fits did not see
                 fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
-                fit_rows = fit_rows[:: max(1, fit_rows.numel() // _FIT_TOKENS)]
+                fit_rows = fit_rows[:: max(1, fit_rows.numel() // FIT_TOKENS)]
                 hidden = None
                 if config.router == "fitted":
-                    hidden = _fit_router(carved, x[fit_rows], config.ridge)
+                    hidden = fit_router(carved, x[fit_rows], config.ridge)
                 if config.balance:
                     sample = x[:: max(1, x.shape[0] // 4096)]
                     carved.router.bias.copy_(
-                        balance_bias(_selection_scores(carved, sample), carved.top_k)
+                        balance_bias(selection_scores(carved, sample), carved.top_k)
                     )
                 if config.compensate:
                     # Every other fit row: half the tokens give the same means within noise.
                     # Chunks hold an even number of rows, so slicing each keeps global order
                     # without concatenating the kept activations into one more copy.
                     kept = [h[::2] for h in hidden] if hidden else None
-                    _fit_compensation(carved, x[fit_rows[::2]], kept)
+                    fit_compensation(carved, x[fit_rows[::2]], kept)
                 del hidden
                 if config.refit:
                     xs = x[fit_rows]
@@ -513,13 +400,13 @@ def carve_model(
                     for _ in range(_REFIT_ROUNDS - 1):
                         # Route by the refitted experts' outputs, then refit for that routing.
                         if config.router == "fitted":
-                            _fit_router(carved, xs, config.ridge)
+                            fit_router(carved, xs, config.ridge)
                         refit_down(carved, xs, target, config.refit_ridge, prior)
                     del prior
                 if config.adaptive:
-                    few = rows[:: max(1, rows.numel() // _BUDGET_TOKENS)].to(x.device)
-                    facts["cost"] = _budget_cost(carved, dense, x[few], residual[few])
-                facts.update(prof=prof, groups=groups, stats=_routing_stats(carved, dense, x, rows))
+                    few = rows[:: max(1, rows.numel() // BUDGET_TOKENS)].to(x.device)
+                    facts["cost"] = budget_cost(carved, dense, x[few], residual[few])
+                facts.update(prof=prof, groups=groups, stats=routing_stats(carved, dense, x, rows))
                 return carved
 
             stand_in = _CarveOnCall(mlp, carve_fn)

@@ -65,7 +65,7 @@ def test_compensation_lowers_held_out_error():
 
 def test_compensation_is_the_mean_output_of_left_out_experts():
     # The fit works on hidden activations (linear in W_down); check it against full outputs.
-    from cmoe_carve.carve import _fit_compensation
+    from cmoe_carve.layer_fit import fit_compensation
     from cmoe_carve.modeling_cmoe import CarvedMLP
     from cmoe_carve.router_fit import expert_outputs
 
@@ -74,7 +74,7 @@ def test_compensation_is_the_mean_output_of_left_out_experts():
     carve_model(model, calib_ids(2, 16), config, progress=False)
     carved = next(m for m in model.modules() if isinstance(m, CarvedMLP))
     x = torch.randn(50, carved.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(4))
-    _fit_compensation(carved, x)
+    fit_compensation(carved, x)
     _, _, top = carved.route(x)
     s = carved.num_shared
     outs = expert_outputs(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
