@@ -180,3 +180,23 @@ def test_refit_options_are_validated():
         CarveConfig(refit_target="teacher")
     with pytest.raises(SpecError, match="--refit-ridge"):
         CarveConfig(refit_ridge=0.0)
+
+
+def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
+    import cmoe_carve.carve as carve_module
+
+    def harmful(carved, x, target, ridge, prior=None):
+        carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like
+        return prior
+
+    reference = tiny_model("llama")
+    carve_model(reference, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, refit=False), progress=False)
+    monkeypatch.setattr(carve_module, "refit_down", harmful)
+    model = tiny_model("llama")
+    result = carve_model(model, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5), progress=False)
+    assert [r.refit_kept for r in result.layers] == [False, False]
+    for ours, theirs in zip(
+        (m for m in model.modules() if isinstance(m, CarvedMLP)),
+        (m for m in reference.modules() if isinstance(m, CarvedMLP)),
+    ):
+        assert torch.equal(ours.down_proj, theirs.down_proj)
