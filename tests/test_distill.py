@@ -13,8 +13,8 @@ from cmoe_carve.checkpoint import REPORT_FILE, load_carved, save_carved
 from cmoe_carve.distill import hidden_mse, kd_loss, teacher_reference
 from cmoe_carve.errors import ModelError
 from cmoe_carve.finetune import FinetuneConfig, FinetuneError, finetune
-from test_finetune import TEXT, byte_tokenizer
-from tiny_models import calib_ids, tiny_model
+from test_finetune import TEXT
+from tiny_models import byte_tokenizer, calib_ids, tiny_model
 
 
 def test_kd_loss_is_the_token_mean_kl_divergence():

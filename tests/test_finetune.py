@@ -28,23 +28,10 @@ from cmoe_carve.finetune import (
     step_plan,
 )
 from cmoe_carve.modeling_cmoe import CarvedMLP
-from tiny_models import calib_ids, tiny_model
+from tiny_models import byte_tokenizer, calib_ids, tiny_model
 
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 40
 PROBE = calib_ids(1, 12, seed=7)  # fixed input whose logits are compared
-
-
-def byte_tokenizer():
-    """Byte-level BPE without merges: 256 ids, the tiny model's vocabulary, no files needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(["x"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=alphabet))
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @pytest.fixture(scope="module")
