@@ -238,13 +238,6 @@ def _capture_ffn_residual(layer: nn.Module, facts: dict):
     return norm.register_forward_pre_hook(hook)
 
 
-# Alternations of router fit and refit (1: refit once for the router fitted on the slices).
-_REFIT_ROUNDS = 1
-
-# Share of the dense-stream correction in stream targets (1: the dense model's own states).
-_STREAM_MIX = 1.0
-
-
 def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -389,28 +382,20 @@ def carve_model(
                 del hidden
                 if config.refit:
                     def targets(idx):
-                        target = dense(x[idx]).float()
-                        if dense_next is not None:
-                            # What the layer must add to its own residual to land on the dense
-                            # model's state: the FFN also makes up for attention's drift.
-                            dim = target.shape[-1]
-                            i = idx.to(dense_next.device)
-                            stream = dense_next.reshape(-1, dim)[i] - facts["mid"].reshape(-1, dim)[i]
-                            target = target + _STREAM_MIX * (stream.float() - target)
-                        return target
+                        if dense_next is None:
+                            return dense(x[idx]).float()
+                        # What the layer must add to its own residual to land on the dense
+                        # model's state: the FFN also makes up for attention's drift.
+                        dim, i = x.shape[-1], idx.to(dense_next.device)
+                        stream = dense_next.reshape(-1, dim)[i] - facts["mid"].reshape(-1, dim)[i]
+                        return stream.float()
 
                     xs, target = x[fit_rows], targets(fit_rows)
                     held = rows.to(x.device)
                     x_held, t_held = x[held], targets(held)
                     before = (carved(x_held).float() - t_held).pow(2).sum().item()
                     slices = carved.down_proj.detach().clone()
-                    prior = refit_down(carved, xs, target, config.refit_ridge)
-                    for _ in range(_REFIT_ROUNDS - 1):
-                        # Route by the refitted experts' outputs, then refit for that routing.
-                        if config.router == "fitted":
-                            fit_router(carved, xs, config.ridge)
-                        refit_down(carved, xs, target, config.refit_ridge, prior)
-                    del prior
+                    refit_down(carved, xs, target, config.refit_ridge)
                     after = (carved(x_held).float() - t_held).pow(2).sum().item()
                     # Held-out tokens decide: they include every window's first token (rows
                     # 0 mod 8), whose outsized activations the fit rows never contain. On
