@@ -83,6 +83,31 @@ def solve_refit(stats: RefitStats, prior: torch.Tensor, ridge: float) -> torch.T
     return torch.linalg.lstsq(gram, rhs).solution  # semi-definite in floating point: rare
 
 
+def solve_refit_dual(features: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
+                     ridge: float) -> torch.Tensor:
+    """The same ridge solution as `solve_refit`, through the N x N system of the tokens: for
+    fewer tokens N than features F (a Llama-3-8B layer has F = 14,336; a carve on 2 x 512 tokens
+    fits on ~800), where the F x F Gram would take 1.6 GB in fp64 and an O(F^3) factorisation.
+
+    With W = prior + Delta and residual R = Y - H prior, Delta = L^-1 H^T (H L^-1 H^T + I)^-1 R
+    (the push-through identity), L = diag(lam_i) as in `solve_refit`.
+    features [N, F], targets [N, D], prior [F, D] -> W* [F, D] (fp32).
+    """
+    h = features.float()
+    energy = h.pow(2).sum(0, dtype=torch.float64)  # gram[i, i] without forming the gram
+    lam = ridge * (energy + energy.mean().clamp_min(1e-30))
+    scaled = h / lam.sqrt().float()
+    kernel = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    for start in range(0, h.shape[1], _CHUNK):  # fp32 products, fp64 sums, as RefitStats.add
+        block = scaled[:, start : start + _CHUNK]
+        kernel += (block @ block.t()).double()
+    residual = targets.double() - (h @ prior.float()).double()
+    chol, info = torch.linalg.cholesky_ex(kernel)  # I + PSD: positive definite
+    alpha = torch.cholesky_solve(residual, chol) if info.item() == 0 else torch.linalg.solve(kernel, residual)
+    delta = (h.t() @ alpha.float()) / lam.float()[:, None]
+    return prior.float() + delta
+
+
 # Tokens per chunk of the refit's features ([c, E*m] fp32: 2,048 x 1,536 x 4 B = 12.6 MB).
 _CHUNK = 2048
 
@@ -102,9 +127,11 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
     """
     num_experts, dim, m = carved.down_proj.shape
     switches = carved.compensate and fit_compensation
-    stats = RefitStats.empty(
-        num_experts * m + (carved.num_routed if switches else 0), dim, device=x.device
-    )
+    num_features = num_experts * m + (carved.num_routed if switches else 0)
+    # Fewer tokens than features: keep the features and solve in the tokens' space instead.
+    dual = x.shape[0] < num_features
+    stats = None if dual else RefitStats.empty(num_features, dim, device=x.device)
+    kept_feats, kept_goals = [], []
     for start in range(0, x.shape[0], _CHUNK):
         xs = x[start : start + _CHUNK]
         ids, gates, _ = carved.route(xs)
@@ -115,12 +142,20 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
             top = ids[:, carved.num_shared :] - carved.num_shared  # [c, k] routed experts used
             bias = carved.expert_bias.float()
             goal = goal - (bias.sum(0) - bias[top].sum(1))  # the compensation it will add
-        stats.add(feats, goal)
+        if dual:
+            kept_feats.append(feats.float())
+            kept_goals.append(goal.float())
+        else:
+            stats.add(feats, goal)
     if prior is None:
         prior = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t()  # [E*m, D]
         if switches:
             prior = torch.cat([prior, carved.expert_bias.float()])
-    solution = solve_refit(stats, prior, ridge).float()  # [F, D]
+    if dual:
+        solution = solve_refit_dual(torch.cat(kept_feats), torch.cat(kept_goals), prior, ridge)
+        del kept_feats, kept_goals
+    else:
+        solution = solve_refit(stats, prior, ridge).float()  # [F, D]
     down = solution[: num_experts * m].t().reshape(dim, num_experts, m).permute(1, 0, 2)
     carved.down_proj.copy_(down.to(carved.down_proj))
     if switches:

@@ -8,7 +8,7 @@ import torch
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.errors import ModelError, SpecError
 from cmoe_carve.modeling_cmoe import CarvedMLP
-from cmoe_carve.refit import RefitStats, refit_down, routed_features, solve_refit
+from cmoe_carve.refit import RefitStats, refit_down, routed_features, solve_refit, solve_refit_dual
 from tiny_models import FAMILIES, calib_ids, tiny_model
 
 
@@ -38,6 +38,36 @@ def test_solve_matches_the_normal_equations_of_the_ridge_problem():
     lam = ridge * (gram.diagonal() + gram.diagonal().mean())
     expected = torch.linalg.solve(gram + torch.diag(lam), features.t() @ targets + lam[:, None] * prior)
     torch.testing.assert_close(solve_refit(_stats(features, targets), prior, ridge), expected)
+
+
+@pytest.mark.parametrize("tokens", [5, 30, 59])
+def test_the_dual_solve_equals_the_primal_one_when_tokens_are_fewer_than_features(tokens):
+    # A Llama-3-8B layer refitted on ~800 tokens has 14,336 features: the carve then solves in
+    # the tokens' space; it must be the same ridge solution (features of uneven scale, one unused).
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(tokens, 60, generator=gen) * torch.linspace(0.1, 10, 60)
+    features[:, 7] = 0.0
+    targets = torch.randn(tokens, 4, generator=gen)
+    prior = torch.randn(60, 4, generator=gen)
+    for ridge in (1e-2, 1.0):
+        primal = solve_refit(_stats(features, targets), prior, ridge).float()
+        dual = solve_refit_dual(features, targets, prior, ridge)
+        torch.testing.assert_close(dual, primal, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dual[7], prior[7])
+
+
+def test_refit_down_takes_the_dual_path_on_few_tokens_and_lowers_the_error():
+    model = tiny_model("llama")
+    carve_model(model, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, refit=False), progress=False)
+    carved = next(m for m in model.modules() if isinstance(m, CarvedMLP))
+    gen = torch.Generator().manual_seed(6)
+    dim = carved.down_proj.shape[1]
+    x = torch.randn(12, dim, generator=gen)  # 12 tokens < E * m features
+    assert x.shape[0] < carved.down_proj.shape[0] * carved.down_proj.shape[2]
+    target = torch.randn(12, dim, generator=gen)
+    before = (carved(x) - target).pow(2).sum()
+    refit_down(carved, x, target, ridge=1e-3)
+    assert (carved(x) - target).pow(2).sum() < 0.5 * before
 
 
 def test_a_feature_no_token_uses_keeps_its_prior():
