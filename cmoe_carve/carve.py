@@ -196,6 +196,10 @@ def _layer_of(model: nn.Module, mlp_name: str) -> nn.Module:
     return model.get_submodule(mlp_name.rpartition(".")[0])
 
 
+class _Recorded(Exception):
+    """Ends the recording forward once the last decoder layer has its arguments."""
+
+
 @contextlib.contextmanager
 def _recording_layers(layers: list[nn.Module], store: list[list]):
     """Replace every decoder layer by a recorder that keeps its inputs and passes them through.
@@ -207,6 +211,8 @@ def _recording_layers(layers: list[nn.Module], store: list[list]):
     def recorder(index):
         def forward(hidden_states, *args, **kwargs):
             store[index].append((hidden_states.detach(), args, kwargs))
+            if index == len(layers) - 1:
+                raise _Recorded  # nothing after the last layer is needed (nor, streaming, loaded)
             return hidden_states
 
         return forward
@@ -301,9 +307,14 @@ class _CarveOnCall(nn.Module):
 
 
 def carve_model(
-    model: nn.Module, calib_ids: torch.Tensor, config: CarveConfig, progress: bool = True
+    model: nn.Module, calib_ids: torch.Tensor, config: CarveConfig, progress: bool = True,
+    layer_io=None,
 ) -> CarveResult:
-    """Carve every gated MLP of `model` in place, calibrating on `calib_ids` [n, seqlen]."""
+    """Carve every gated MLP of `model` in place, calibrating on `calib_ids` [n, seqlen].
+
+    `layer_io` (streaming.StreamedLayers) streams a model built without weights: each decoder
+    layer is read before it is carved and written out and freed after.
+    """
     start = time.perf_counter()
     layout = config.layout
     mlps = gated_mlps_or_error(model)
@@ -312,13 +323,23 @@ def carve_model(
     check_spec_fits(layout, intermediate)
     layers = [_layer_of(model, name) for name, _ in mlps]
     model.eval()
-    device = next(model.parameters()).device
+    prefixes = [name.rpartition(".")[0] for name, _ in mlps]
+    if layer_io is not None:
+        device = layer_io.device
+        layer_io.prepare(model, prefixes)
+    else:
+        device = next(model.parameters()).device
 
     # The arguments every layer receives for the whole calibration batch (masks, positions);
     # the recorders skip the layers' work, so this costs only the embeddings.
     store: list[list] = [[] for _ in layers]
     with torch.no_grad(), _no_cache(model), _recording_layers(layers, store):
-        model(calib_ids.to(device), use_cache=False)
+        try:
+            model(calib_ids.to(device), use_cache=False)
+        except _Recorded:
+            pass
+    if layer_io is not None:
+        layer_io.free_outside(model)
     hidden = store[0][0][0]
     layer_args = [s[0][1:] for s in store]
     del store
@@ -328,9 +349,11 @@ def carve_model(
     reports: list[LayerReport] = []
     layer_costs: list[torch.Tensor] = []
     with progress_bar(len(mlps), "carving layers", enabled=progress) as bar:
-        for (name, mlp), layer, (args, kwargs) in zip(mlps, layers, layer_args):
+        for (name, mlp), layer, prefix, (args, kwargs) in zip(mlps, layers, prefixes, layer_args):
             t0 = time.perf_counter()
             facts = {}
+            if layer_io is not None:
+                layer_io.load(prefix, layer)
 
             residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
             dense_next = None
@@ -433,8 +456,11 @@ def carve_model(
             replace_module(model, name, stand_in.carved)
             if config.adaptive:
                 layer_costs.append(facts["cost"])
-            reports.append(_layer_report(name, layout, intermediate, facts, time.perf_counter() - t0))
-            bar.advance()
+            if layer_io is not None:
+                layer_io.release(prefix, layer)
+            seconds = time.perf_counter() - t0
+            reports.append(_layer_report(name, layout, intermediate, facts, seconds))
+            bar.advance(info=f"last layer {seconds:.1f} s")
 
     if config.adaptive:
         ks = allocate_budgets(

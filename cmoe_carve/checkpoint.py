@@ -133,18 +133,33 @@ def save_carved(
     overwrite: bool = False,
 ) -> Path:
     """Write the carved model, tokenizer, modeling code, card and report to `out`, atomically."""
-    meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta}
-    cmoe = {**cmoe, "cmoe_carve_version": __version__}
-    model = as_carved_model(model, cmoe)
     with atomic_directory(Path(out), overwrite) as tmp:
+        model = as_carved_model(model, stamped(cmoe))
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(modeling_source(cmoe))
-        (tmp / REPORT_FILE).write_text(
-            json.dumps({"meta": meta, "cmoe": cmoe, **report}, indent=2, sort_keys=True)
-        )
-        (tmp / "README.md").write_text(model_card(cmoe, meta))
+        write_beside_weights(model, tokenizer, tmp, report, meta)
     return Path(out)
+
+
+def stamped(cmoe: dict) -> dict:
+    return {**cmoe, "cmoe_carve_version": __version__}
+
+
+def write_beside_weights(model, tokenizer, tmp: Path, report: dict, meta: dict,
+                         config_too: bool = False) -> None:
+    """Everything of a carved checkpoint but its weights: tokenizer, modeling code, report, card
+    (and, for weights written shard by shard, the config and generation config)."""
+    cmoe = model.config.cmoe
+    meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta}
+    if config_too:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MODELING_FILE).write_text(modeling_source(cmoe))
+    (tmp / REPORT_FILE).write_text(
+        json.dumps({"meta": meta, "cmoe": cmoe, **report}, indent=2, sort_keys=True)
+    )
+    (tmp / "README.md").write_text(model_card(cmoe, meta))
 
 
 def read_carved_config(path: Path) -> dict:

@@ -88,6 +88,15 @@ def carve_command(
     device_map: Optional[str] = typer.Option(
         None, help="accelerate device map for large models, e.g. auto.", show_default=False
     ),
+    stream: str = typer.Option(
+        "auto",
+        help="Layer streaming: on reads, carves and writes one decoder layer at a time (peak "
+        "memory about one layer; for models larger than memory), off loads the whole model, "
+        "auto streams a local model whose weights would not fit comfortably.",
+    ),
+    shard_size: float = typer.Option(
+        50.0, help="Largest output weight file in GiB when streaming (then an index joins them)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -126,5 +135,15 @@ def carve_command(
         device_map=device_map,
         overwrite=overwrite,
         progress=progress,
+        stream=stream,
+        shard_bytes=_shard_bytes(shard_size),
     )
     typer.echo(f"carved checkpoint written to {path}")
+
+
+def _shard_bytes(gib: float) -> int:
+    from .errors import SpecError
+
+    if not gib > 0:
+        raise SpecError(f"--shard-size must be positive (GiB), got {gib}")
+    return max(1, int(gib * 2**30))

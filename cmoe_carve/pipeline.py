@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .atomic import holds_output_lock
+from .atomic import atomic_directory, holds_output_lock
 from .carve import CarveConfig, carve_model
-from .checkpoint import save_carved
+from .checkpoint import as_carved_model, save_carved, stamped, write_beside_weights
 from .errors import DataError
-from .loading import load_model
+from .loading import load_model, parse_dtype
 from .preflight import check_carve_inputs
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+from .streaming import StreamedLayers, decide_streaming, load_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,15 @@ def carve(
     device_map: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    stream: str = "auto",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Carve `model` (hub id, directory, .gguf, or None for the default) into `out`."""
-    from .data import calibration_windows, resolve_text
-    from .evaluate import model_context_length
+    """Carve `model` (hub id, directory, .gguf, or None for the default) into `out`.
+
+    `stream`: on reads, carves and writes one decoder layer at a time (for models larger than
+    memory); auto does so when the weights would not fit comfortably; off loads the whole model.
+    """
+    from .data import resolve_text
 
     config = config or CarveConfig()
     if calib_samples < 1 or seqlen < 2:
@@ -47,15 +54,59 @@ def carve(
     check_carve_inputs(model, Path(out), overwrite, dtype=dtype, device=device, device_map=device_map,
                        seqlen=seqlen)
     source = resolve_text(calib, purpose="calibration", data_dir=data_dir)
+    streaming, why = (False, "--device-map") if device_map else decide_streaming(stream, model, dtype, device)
+    log.info("%s: %s", "streaming layer by layer" if streaming else "loading the whole model", why)
+    if streaming:
+        return _carve_streamed(model, out, config, source, calib_samples, seqlen, seed, dtype,
+                               device, overwrite, progress, shard_bytes)
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
     if loaded.is_carved:
         raise DataError(f"{model} is already carved: pass the dense source model")
-    log.info("calibration text: %s", source.describe())
-    ids = calibration_windows(loaded.tokenizer, source, calib_samples, seqlen, seed,
-                              context=model_context_length(loaded.model))
+    ids = _calibration(loaded, source, calib_samples, seqlen, seed)
     log.info("carving %s at %s on %d x %d tokens", loaded.description, config.spec, *ids.shape)
     result = carve_model(loaded.model, ids, config, progress=progress)
     log.info("carved in %.1f s (model loading excluded)", result.seconds)
+    meta, report = _record(loaded, source, ids, seed, dtype, result)
+    path = save_carved(loaded.model, loaded.tokenizer, Path(out), result.cmoe, report, meta, overwrite)
+    log.info("wrote %s", path)
+    return path
+
+
+def _calibration(loaded, source, calib_samples, seqlen, seed) -> torch.Tensor:
+    from .data import calibration_windows
+    from .evaluate import model_context_length
+
+    log.info("calibration text: %s", source.describe())
+    return calibration_windows(loaded.tokenizer, source, calib_samples, seqlen, seed,
+                               context=model_context_length(loaded.model))
+
+
+def _carve_streamed(model, out, config, source, calib_samples, seqlen, seed, dtype, device,
+                    overwrite, progress, shard_bytes) -> Path:
+    """The same carve, one decoder layer in memory at a time, written shard by shard."""
+    from .loading import is_carved_dir
+
+    loaded, tensors = load_skeleton(model, dtype, device)
+    if is_carved_dir(tensors.path):
+        raise DataError(f"{model} is already carved: pass the dense source model")
+    ids = _calibration(loaded, source, calib_samples, seqlen, seed)
+    log.info("carving %s at %s on %d x %d tokens, streaming", loaded.description, config.spec, *ids.shape)
+    with atomic_directory(Path(out), overwrite) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        layer_io = StreamedLayers(tensors, writer, parse_dtype(dtype), torch.device(device))
+        result = carve_model(loaded.model, ids, config, progress=progress, layer_io=layer_io)
+        layer_io.write_outside()
+        writer.finish()
+        log.info("carved in %.1f s (model loading excluded)", result.seconds)
+        meta, report = _record(loaded, source, ids, seed, dtype, result)
+        meta["streamed"] = True
+        carved = as_carved_model(loaded.model, stamped(result.cmoe))
+        write_beside_weights(carved, loaded.tokenizer, tmp, report, meta, config_too=True)
+    log.info("wrote %s", out)
+    return Path(out)
+
+
+def _record(loaded, source, ids, seed, dtype, result) -> tuple[dict, dict]:
     record = source.to_record()
     meta = {
         "source_model": loaded.description,
@@ -70,6 +121,4 @@ def carve(
         "torch_threads": torch.get_num_threads(),
     }
     report = {"layers": [asdict(r) for r in result.layers]}
-    path = save_carved(loaded.model, loaded.tokenizer, Path(out), result.cmoe, report, meta, overwrite)
-    log.info("wrote %s", path)
-    return path
+    return meta, report

@@ -1,0 +1,136 @@
+"""Layer streaming: carving one decoder layer at a time gives the same checkpoint as carving the
+whole loaded model, from single-file and sharded sources, written as one file or as shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cmoe_carve.carve import CarveConfig
+from cmoe_carve.errors import ModelError
+from cmoe_carve.loading import load_model
+from cmoe_carve.pipeline import carve
+from cmoe_carve.shards import INDEX_FILE, ShardWriter
+from cmoe_carve.streaming import CheckpointTensors, decide_streaming
+from tiny_models import FAMILIES, byte_tokenizer, calib_ids, tiny_model
+
+TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 40
+ARGS = dict(calib_samples=3, seqlen=24, progress=False)
+
+
+def _tensors(path):
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _dense(tmp_path, family, tied=False, shard=None):
+    model = tiny_model(family)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    path = tmp_path / "dense"
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    byte_tokenizer().save_pretrained(path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_streamed_carve_equals_the_whole_model_carve(family, tmp_path):
+    dense = _dense(tmp_path, family)
+    common = dict(calib=str(tmp_path / "text.txt"), config=CarveConfig(spec="S2A2E8", k_act=5), **ARGS)
+    carve(str(dense), tmp_path / "whole", stream="off", **common)
+    carve(str(dense), tmp_path / "streamed", stream="on", **common)
+    whole, streamed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert sorted(streamed) == sorted(whole)
+    for name in whole:
+        assert torch.equal(streamed[name], whole[name]), name
+    a = json.loads((tmp_path / "whole" / "config.json").read_text())
+    b = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert b == a
+    report = json.loads((tmp_path / "streamed" / "carve_report.json").read_text())
+    assert report["meta"]["streamed"] is True
+    ids = calib_ids(1, 16)
+    with torch.no_grad():
+        ref = load_model(str(tmp_path / "whole")).model(ids).logits
+        got = load_model(str(tmp_path / "streamed")).model(ids).logits
+    assert torch.equal(got, ref)
+
+
+def test_streaming_reads_sharded_sources_and_writes_shards_with_tied_embeddings(tmp_path):
+    dense = _dense(tmp_path, "llama", tied=True, shard="20KB")
+    assert (dense / INDEX_FILE).is_file()  # the source really is sharded
+    common = dict(calib=str(tmp_path / "text.txt"), config=CarveConfig(spec="S2A2E8", k_act=5), **ARGS)
+    carve(str(dense), tmp_path / "whole", stream="off", **common)
+    carve(str(dense), tmp_path / "streamed", stream="on", shard_bytes=30_000, **common)
+    out = tmp_path / "streamed"
+    index = json.loads((out / INDEX_FILE).read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    assert not list(out.glob(".shard-*"))  # no provisional file left
+    whole, streamed = _tensors(tmp_path / "whole"), _tensors(out)
+    assert "lm_head.weight" not in streamed  # tied: written once, as save_pretrained does
+    assert sorted(streamed) == sorted(whole)
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+    ids = calib_ids(1, 16)
+    with torch.no_grad():
+        model = load_model(str(out)).model
+        torch.testing.assert_close(model(ids).logits, load_model(str(tmp_path / "whole")).model(ids).logits,
+                                   rtol=0, atol=0)
+        assert model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_shard_writer_names_and_indexes_shards(tmp_path):
+    writer = ShardWriter(tmp_path, max_bytes=100)
+    tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(5)}  # 40 bytes each
+    for name, t in tensors.items():
+        writer.add(name, t)
+    names = writer.finish()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == 200
+    assert {k: v for k, v in _tensors(tmp_path).items()} .keys() == tensors.keys()
+    read = CheckpointTensors(tmp_path).read(list(tensors), torch.float64, "cpu")
+    assert all(torch.equal(read[k], tensors[k].double()) for k in tensors)
+    with pytest.raises(ValueError, match="twice"):
+        ShardWriter(tmp_path / "x").add("a", torch.ones(1)) or None
+        w = ShardWriter(tmp_path)
+        w.add("a", torch.ones(1))
+        w.add("a", torch.ones(1))
+
+
+def test_auto_streams_only_what_does_not_fit(tmp_path, monkeypatch):
+    import cmoe_carve.streaming as streaming
+
+    dense = _dense(tmp_path, "llama")
+    size = CheckpointTensors(dense).nbytes(torch.float32)
+    assert size == sum(p.numel() * 4 for p in tiny_model("llama").parameters())
+    assert CheckpointTensors(dense).nbytes(torch.bfloat16) == size // 2
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 10 * size)
+    assert decide_streaming("auto", str(dense), "float32", "cpu")[0] is False
+    monkeypatch.setattr(streaming, "available_memory", lambda device: size)
+    stream, why = decide_streaming("auto", str(dense), "float32", "cpu")
+    assert stream is True and "GiB" in why
+    assert decide_streaming("off", str(dense), "float32", "cpu")[0] is False
+    assert decide_streaming("on", str(dense), "float32", "cpu")[0] is True
+    with pytest.raises(ModelError, match="--stream"):
+        decide_streaming("sometimes", str(dense), "float32", "cpu")
+
+
+def test_a_checkpoint_whose_names_do_not_match_is_refused_in_one_line(tmp_path):
+    dense = _dense(tmp_path, "llama")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(dense / "model.safetensors"))
+    renamed = {k.replace("model.layers.1.", "model.blocks.1."): v for k, v in weights.items()}
+    save_file(renamed, str(dense / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="--stream off"):
+        carve(str(dense), tmp_path / "out", stream="on", calib=str(tmp_path / "text.txt"),
+              config=CarveConfig(spec="S2A2E8", k_act=5), **ARGS)
+    assert not (tmp_path / "out").exists()
