@@ -7,7 +7,7 @@ all windows at the current layer, and that layer's FFN inputs.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,25 +15,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .build import build_carved_mlp
+from .budget import allocate_budgets
 from .errors import ModelError, SpecError
-from .grouping import group_neurons
-from .modeling_cmoe import CarvedMLP, find_gated_mlps, replace_module
-from .profiling import profile_layer
-from .budget import allocate_budgets, balance_bias
-from .layer_fit import (
-    BUDGET_TOKENS,
-    ERROR_TOKENS,
-    FIT_TOKENS,
-    budget_cost,
-    fit_compensation,
-    fit_router,
-    held_out_rows,
-    routing_stats,
-    selection_scores,
+from .layer_calls import (
+    capture_ffn_residual,
+    carve_layer,
+    no_cache,
+    Recorded,
+    recording_layers,
+    run_layer,
+    stream_goal,
+    window_batches,
 )
+from .layer_carve import carve_mlp
+from .modeling_cmoe import find_gated_mlps, replace_module
 from .progress import progress_bar
-from .refit import refit_down
 from .spec import ExpertSpec, check_spec_fits, parse_spec
 
 log = logging.getLogger(__name__)
@@ -196,68 +192,6 @@ def _layer_of(model: nn.Module, mlp_name: str) -> nn.Module:
     return model.get_submodule(mlp_name.rpartition(".")[0])
 
 
-class _Recorded(Exception):
-    """Ends the recording forward once the last decoder layer has its arguments."""
-
-
-@contextlib.contextmanager
-def _recording_layers(layers: list[nn.Module], store: list[list]):
-    """Replace every decoder layer by a recorder that keeps its inputs and passes them through.
-
-    Running the model then costs only the embeddings, masks and rotary tables, yet yields the
-    exact arguments each layer receives (masks and positions differ per layer in Gemma).
-    """
-
-    def recorder(index):
-        def forward(hidden_states, *args, **kwargs):
-            store[index].append((hidden_states.detach(), args, kwargs))
-            if index == len(layers) - 1:
-                raise _Recorded  # nothing after the last layer is needed (nor, streaming, loaded)
-            return hidden_states
-
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
-
-
-def _capture_ffn_residual(layer: nn.Module, facts: dict):
-    """Keep the residual stream entering the FFN (the input of the norm before it) in
-    facts["mid"], for layers whose output is that residual plus the FFN's output (Llama, Mistral,
-    Qwen): a forward pre-hook on `post_attention_layernorm`. Gemma's FFN output passes through
-    one more norm, so stream targets are not linear in its down projections."""
-    norm = getattr(layer, "post_attention_layernorm", None)
-    if norm is None or hasattr(layer, "post_feedforward_layernorm"):
-        raise ModelError(
-            f"{type(layer).__name__} does not add its FFN output straight to the residual "
-            "stream: use --refit-target ffn for this model"
-        )
-
-    def hook(_module, args):
-        facts["mid"] = args[0].detach()
-
-    return norm.register_forward_pre_hook(hook)
-
-
-def _first_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextlib.contextmanager
-def _no_cache(model: nn.Module):
-    saved = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    try:
-        yield
-    finally:
-        model.config.use_cache = saved
-
-
 @dataclass
 class LayerReport:
     name: str
@@ -289,23 +223,6 @@ class CarveResult:
     cmoe: dict  # what goes into the checkpoint's config
 
 
-class _CarveOnCall(nn.Module):
-    """Stands in for a dense MLP during one batched layer call: carves the MLP on the inputs it
-    receives and answers with the carved FFN, so each layer runs once (attention included)."""
-
-    def __init__(self, dense: nn.Module, carve_fn):
-        super().__init__()
-        self.dense = dense
-        self.carve_fn = carve_fn
-        self.carved: CarvedMLP | None = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.carved is not None:
-            raise RuntimeError("the MLP was called twice in one layer call; cannot carve it")
-        self.carved = self.carve_fn(self.dense, hidden_states.reshape(-1, hidden_states.shape[-1]))
-        return self.carved(hidden_states)
-
-
 def carve_model(
     model: nn.Module, calib_ids: torch.Tensor, config: CarveConfig, progress: bool = True,
     layer_io=None,
@@ -333,10 +250,10 @@ def carve_model(
     # The arguments every layer receives for the whole calibration batch (masks, positions);
     # the recorders skip the layers' work, so this costs only the embeddings.
     store: list[list] = [[] for _ in layers]
-    with torch.no_grad(), _no_cache(model), _recording_layers(layers, store):
+    with torch.no_grad(), no_cache(model), recording_layers(layers, store):
         try:
             model(calib_ids.to(device), use_cache=False)
-        except _Recorded:
+        except Recorded:
             pass
     if layer_io is not None:
         layer_io.free_outside(model)
@@ -356,92 +273,21 @@ def carve_model(
                 layer_io.load(prefix, layer)
 
             residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
+            batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
             dense_next = None
             if dense_hidden is not None:
                 with torch.no_grad():  # the dense layer on the dense stream, before carving it
-                    dense_next = _first_output(layer(dense_hidden, *args, **kwargs))
-            mid_hook = _capture_ffn_residual(layer, facts) if dense_next is not None else None
-
-            def carve_fn(dense, x, name=name, facts=facts, residual=residual, dense_next=dense_next):
-                by_contribution = config.grouping == "contribution"
-                down_norms = dense.down_proj.weight.float().norm(dim=0) if by_contribution else None
-                prof = profile_layer(
-                    x, dense.gate_proj.weight, dense.up_proj.weight, dense.act_fn,
-                    config.k_act, config.cosine_scores, down_norms,
-                )
-                if by_contribution:
-                    signals, importance = prof.contributions, prof.mean_abs
-                else:
-                    signals, importance = prof.markers, prof.rates
-                groups = group_neurons(
-                    signals, importance, layout.num_shared, layout.num_experts,
-                    config.max_iter, normalize=by_contribution, warm_steps=config.warm_steps,
-                    tol=config.kmeans_tol,
-                )
-                prof.contributions = None  # [N, d_h]: free it before the next layer
-                carved = build_carved_mlp(
-                    dense, groups, layout.num_shared, layout.top_k, act_name,
-                    config.cosine_scores,
-                )
-                rows = held_out_rows(x.shape[0], ERROR_TOKENS)
-                fit = torch.ones(x.shape[0], dtype=torch.bool)
-                fit[rows] = False  # measured on tokens the fits did not see
-                fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
-                fit_rows = fit_rows[:: max(1, fit_rows.numel() // FIT_TOKENS)]
-                hidden = None
-                if config.router == "fitted":
-                    hidden = fit_router(carved, x[fit_rows], config.ridge)
-                if config.balance:
-                    sample = x[:: max(1, x.shape[0] // 4096)]
-                    carved.router.bias.copy_(
-                        balance_bias(selection_scores(carved, sample), carved.top_k)
-                    )
-                if config.compensate:
-                    # Every other fit row: half the tokens give the same means within noise.
-                    # Chunks hold an even number of rows, so slicing each keeps global order
-                    # without concatenating the kept activations into one more copy.
-                    kept = [h[::2] for h in hidden] if hidden else None
-                    fit_compensation(carved, x[fit_rows[::2]], kept)
-                del hidden
-                if config.refit:
-                    def targets(idx):
-                        if dense_next is None:
-                            return dense(x[idx]).float()
-                        # What the layer must add to its own residual to land on the dense
-                        # model's state: the FFN also makes up for attention's drift.
-                        dim, i = x.shape[-1], idx.to(dense_next.device)
-                        stream = dense_next.reshape(-1, dim)[i] - facts["mid"].reshape(-1, dim)[i]
-                        return stream.float()
-
-                    xs, target = x[fit_rows], targets(fit_rows)
-                    held = rows.to(x.device)
-                    x_held, t_held = x[held], targets(held)
-                    before = (carved(x_held).float() - t_held).pow(2).sum().item()
-                    slices = carved.down_proj.detach().clone()
-                    refit_down(carved, xs, target, config.refit_ridge)
-                    after = (carved(x_held).float() - t_held).pow(2).sum().item()
-                    # Held-out tokens decide: they include every window's first token (rows
-                    # 0 mod 8), whose outsized activations the fit rows never contain. On
-                    # SmolLM2 at S3A3E8 an unguarded refit took perplexity from 36 to 339.
-                    facts["refit_kept"] = after < before
-                    if not facts["refit_kept"]:
-                        carved.down_proj.copy_(slices)
-                        carved.drop_caches()
-                        log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
-                                 "kept the slices", name, before, after)
-                    del slices
-                if config.adaptive:
-                    few = rows[:: max(1, rows.numel() // BUDGET_TOKENS)].to(x.device)
-                    facts["cost"] = budget_cost(carved, dense, x[few], residual[few])
-                facts.update(prof=prof, groups=groups, stats=routing_stats(carved, dense, x, rows))
-                return carved
-
-            stand_in = _CarveOnCall(mlp, carve_fn)
-            replace_module(model, name, stand_in)
+                    dense_next = run_layer(layer, dense_hidden, args, kwargs, batches)
+            mids: list[torch.Tensor] = []
+            mid_hook = capture_ffn_residual(layer, mids) if dense_next is not None else None
+            carve_fn = functools.partial(
+                carve_mlp, config=config, act_name=act_name, name=name, facts=facts,
+                residual=residual, stream_goal=stream_goal(dense_next, mids),
+            )
             try:
                 with torch.no_grad():
-                    # The next layer sees this layer's output with the carved FFN in place.
-                    hidden = _first_output(layer(hidden.to(mlp.gate_proj.weight.device), *args, **kwargs))
+                    hidden, carved = carve_layer(model, name, mlp, layer, hidden, args, kwargs,
+                                                  batches, carve_fn, mid_hook)
             except BaseException:
                 replace_module(model, name, mlp)
                 raise
@@ -450,10 +296,7 @@ def carve_model(
                     mid_hook.remove()
             if dense_hidden is not None:
                 dense_hidden = dense_next
-            if stand_in.carved is None:
-                replace_module(model, name, mlp)
-                raise ModelError(f"{name} was not called by its decoder layer; cannot carve it")
-            replace_module(model, name, stand_in.carved)
+            replace_module(model, name, carved)
             if config.adaptive:
                 layer_costs.append(facts["cost"])
             if layer_io is not None:

@@ -213,7 +213,7 @@ def test_refit_options_are_validated():
 
 
 def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
-    import cmoe_carve.carve as carve_module
+    import cmoe_carve.layer_carve as carve_module
 
     def harmful(carved, x, target, ridge, prior=None):
         carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like

@@ -134,3 +134,29 @@ def test_a_checkpoint_whose_names_do_not_match_is_refused_in_one_line(tmp_path):
         carve(str(dense), tmp_path / "out", stream="on", calib=str(tmp_path / "text.txt"),
               config=CarveConfig(spec="S2A2E8", k_act=5), **ARGS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,target", [(f, "ffn") for f in sorted(FAMILIES)] + [("llama", "stream")])
+def test_windows_in_batches_carve_what_one_batch_carves(family, target, monkeypatch):
+    # Many calibration windows go through each layer in batches (two passes: collect the FFN's
+    # inputs, then run the carved layer); the carve must be the one a single call makes.
+    import copy
+
+    import cmoe_carve.layer_calls as carve_module
+    from cmoe_carve.carve import carve_model
+
+    ids = calib_ids(5, 16)
+    config = CarveConfig(spec="S2A2E8", k_act=5, refit_target=target)
+    one = tiny_model(family)
+    many = copy.deepcopy(one)
+    carve_model(one, ids, config, progress=False)
+    assert len(carve_module.window_batches(5, 16, 100)) == 1
+    monkeypatch.setattr(carve_module, "BATCH_BYTES", 16 * 100 * 16 * 2)  # two windows a batch
+    assert carve_module.window_batches(5, 16, 100) == [(0, 2), (2, 4), (4, 5)]
+    result = carve_model(many, ids, config, progress=False)
+    assert len(result.layers) == 2
+    a, b = one.state_dict(), many.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(many(ids).logits, one(ids).logits, rtol=1e-4, atol=1e-4)
