@@ -54,6 +54,9 @@ def carve(
     check_carve_inputs(model, Path(out), overwrite, dtype=dtype, device=device, device_map=device_map,
                        seqlen=seqlen)
     source = resolve_text(calib, purpose="calibration", data_dir=data_dir)
+    if device_map and stream == "on":
+        raise DataError("--stream on carves one layer at a time on --device; it cannot be combined "
+                        "with --device-map: drop one of them")
     streaming, why = (False, "--device-map") if device_map else decide_streaming(stream, model, dtype, device)
     log.info("%s: %s", "streaming layer by layer" if streaming else "loading the whole model", why)
     if streaming:
