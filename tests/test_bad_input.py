@@ -94,6 +94,15 @@ CASES = [
     ("carve-out-holds-input", [a.replace("{root}/out", "{root}") for a in CARVE] +
      ["--overwrite"], "dense", [], ["is the input"]),
     ("carve-disk-full", CARVE, "dense", [("", "enospc")], ["no space left"]),
+    ("carve-streamed-disk-full", CARVE + ["--stream", "on"], "dense", [("", "enospc")],
+     ["no space left"]),
+    ("carve-streamed-truncated-weights", CARVE + ["--stream", "on"], "dense",
+     [("dense/" + W, "truncate")], ["truncated"]),
+    ("carve-bad-stream", CARVE + ["--stream", "sometimes"], "dense", [], ["--stream", "auto"]),
+    ("carve-stream-and-device-map", CARVE + ["--stream", "on", "--device-map", "auto"], "dense", [],
+     ["--stream on", "--device-map"]),
+    ("carve-bad-shard-size", CARVE + ["--stream", "on", "--shard-size", "0"], "dense", [],
+     ["--shard-size"]),
     # eval: dense or carved
     ("eval-truncated-weights", EVAL, "carved", [("carved/" + W, "truncate")], ["truncated"]),
     ("eval-broken-config", EVAL, "dense", [("dense/config.json", "badjson")], ["not valid JSON"]),
@@ -180,7 +189,10 @@ def apply_break(root: Path, rel: str, how: str, monkeypatch) -> None:
     elif how == "enospc":
         import transformers.modeling_utils as mu
 
+        import cmoe_carve.shards as shards
+
         monkeypatch.setattr(mu, "safe_save_file", fake_enospc(1))
+        monkeypatch.setattr(shards, "save_file", fake_enospc(1))  # streamed carves' shards
     else:
         raise ValueError(how)
 
