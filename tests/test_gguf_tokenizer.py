@@ -186,3 +186,14 @@ def test_smollm2_tokenizer_converts_to_its_source_gguf_metadata(tmp_path):
     want = tok.encode(text, add_special_tokens=False)
     assert len(want) > 25000
     assert llama_vocab(path).tokenize(text.encode(), add_bos=False, special=False) == want
+
+
+def test_a_conversion_llama_cpp_does_not_reproduce_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    src = carved_with(tmp_path, bpe_tokenizer("gpt2"))
+    # A wrong name for GPT-2's structure: Llama-3's regex splits numbers and spaces differently.
+    wrong = {k: ("llama-bpe" if v == "gpt-2" else v) for k, v in gguf_tokenizer.STRUCTURES.items()}
+    monkeypatch.setattr(gguf_tokenizer, "STRUCTURES", wrong)
+    with pytest.raises(CheckpointError, match="llama.cpp does not tokenize as the Hugging Face tokenizer"):
+        export(src, "gguf", tmp_path / "m.gguf", check=0, echo=quiet)
+    assert not (tmp_path / "m.gguf").exists()

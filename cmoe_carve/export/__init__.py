@@ -208,33 +208,8 @@ def _config(carved: Path):
     return config_cls.from_pretrained(str(carved))
 
 
-def _check_tokenizer(path: Path, carved: Path, tokenizer, config, echo) -> dict | str:
-    """The written file's tokenizer through llama.cpp against the checkpoint's HF tokenizer;
-    a converted one that llama.cpp does not reproduce is refused."""
-    from importlib import resources
-
-    from .. import data_files
-    from . import gguf_tokenizer
-
-    try:
-        hf = gguf_tokenizer.load_hf_tokenizer(carved, config)
-    except Exception:  # noqa: BLE001 - no HF tokenizer to compare with
-        return "not checked: the checkpoint has no Hugging Face tokenizer"
-    excerpt = resources.files(data_files).joinpath(data_files.WIKITEXT2_EXCERPT).read_text(encoding="utf-8")
-    record = gguf_tokenizer.check_in_llama_cpp(path, hf, gguf_tokenizer.CHECK_TEXT + "\n" + excerpt[:6000])
-    if record is None:
-        return "not checked: llama-cpp-python is not installed"
-    if record["agree"]:
-        echo(f"tokenizer: llama.cpp gives the Hugging Face token ids on {record['tokens']} tokens")
-        return record
-    line = f"llama.cpp does not tokenize as the Hugging Face tokenizer ({record['first_difference']})"
-    if isinstance(tokenizer, gguf_tokenizer.GgufVocab):
-        raise CheckpointError(f"{line}: the conversion is wrong for this tokenizer; pass --tokenizer-gguf FILE")
-    echo(f"warning: {line}")
-    return record
-
-
 def _export_gguf(native, carved, out, quant, tokenizer, reference, ids, report, echo) -> dict:
+    from . import gguf_tokenizer
     from .gguf_glm4moe import write_gguf
 
     result: dict = {"architecture": "glm4moe (llama.cpp)", "quant": quant}
@@ -250,7 +225,7 @@ def _export_gguf(native, carved, out, quant, tokenizer, reference, ids, report, 
         name = native.config.cmoe.get("spec", "carved")
         result["tokenizer"] = write_gguf(native, tmp, quant, tokenizer, f"cmoe-{name}", extra)
         if tokenizer is not None:
-            result["tokenizer_check"] = _check_tokenizer(tmp, carved, tokenizer, native.config, echo)
+            result["tokenizer_check"] = gguf_tokenizer.verify(tmp, carved, tokenizer, native.config, echo)
         if reference is not None:
             logits = fidelity.llama_cpp_logits(tmp, ids)
             if logits is None:

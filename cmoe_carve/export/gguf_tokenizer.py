@@ -353,3 +353,28 @@ def check_in_llama_cpp(gguf_path: str | Path, hf_tokenizer, text: str) -> dict |
     finally:
         vocab.close()
     return record
+
+
+def verify(path: Path, carved: Path, tokenizer, config, echo) -> dict | str:
+    """The written file's tokenizer through llama.cpp against the checkpoint's HF tokenizer;
+    a converted one that llama.cpp does not reproduce is refused."""
+    from importlib import resources
+
+    from .. import data_files
+
+    try:
+        hf = load_hf_tokenizer(carved, config)
+    except Exception:  # noqa: BLE001 - no HF tokenizer to compare with
+        return "not checked: the checkpoint has no Hugging Face tokenizer"
+    excerpt = resources.files(data_files).joinpath(data_files.WIKITEXT2_EXCERPT).read_text(encoding="utf-8")
+    record = check_in_llama_cpp(path, hf, CHECK_TEXT + "\n" + excerpt[:6000])
+    if record is None:
+        return "not checked: llama-cpp-python is not installed"
+    if record["agree"]:
+        echo(f"tokenizer: llama.cpp gives the Hugging Face token ids on {record['tokens']} tokens")
+        return record
+    line = f"llama.cpp does not tokenize as the Hugging Face tokenizer ({record['first_difference']})"
+    if isinstance(tokenizer, GgufVocab):
+        raise CheckpointError(f"{line}: the conversion is wrong for this tokenizer; pass --tokenizer-gguf FILE")
+    echo(f"warning: {line}")
+    return record
