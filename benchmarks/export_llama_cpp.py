@@ -2,7 +2,9 @@
 
 Both GGUF files start at f32 and go through llama.cpp's own `llama-quantize` for q8_0 and q4_0,
 so the two sides differ only in the model: the dense one from llama.cpp's stock
-`convert_hf_to_gguf.py`, the carved one from `cmoe export --format gguf`.
+`convert_hf_to_gguf.py`, the carved one from `cmoe export --format gguf` (the stock converter
+stops on the `--format hf` export in its GLM-only `Glm4MoeModel.set_vocab`: README, `cmoe
+export`).
 
 Speed: `llama-bench` (batch 1, `-p 128 -n 64`, one repetition per call), dense and carved
 called in turn (A B A B ...) so that a machine whose speed drifts (shared CPUs) affects both;

@@ -29,7 +29,12 @@ def export_command(
         None, help="hf: router temperature (glm4_moe selects on sigmoid scores; default 1e-3).",
     ),
     tokenizer_gguf: Optional[Path] = typer.Option(
-        None, help="gguf: copy the tokenizer metadata from this GGUF file (default: the carve's source GGUF).",
+        None, help="gguf: copy the tokenizer metadata from this GGUF file (default: the carve's "
+        "source GGUF if it has one, else the checkpoint's Hugging Face tokenizer, converted).",
+    ),
+    hf_tokenizer: bool = typer.Option(
+        False, help="gguf: convert the checkpoint's Hugging Face tokenizer even when the carve "
+        "started from a GGUF file.",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
 ) -> None:
@@ -38,5 +43,6 @@ def export_command(
 
     export(
         carved, fmt, out, quant=quant, approximate=approximate, check=check_tokens,
-        eps=router_eps, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite, echo=typer.echo,
+        eps=router_eps, tokenizer_gguf=tokenizer_gguf,
+        hf_tokenizer=hf_tokenizer, overwrite=overwrite, echo=typer.echo,
     )

@@ -57,7 +57,7 @@ def check_tokens(carved: Path, n: int, config) -> tuple[torch.Tensor | None, str
 
 
 def source_gguf(carved: Path) -> Path | None:
-    """The GGUF file the carve started from, if any (its tokenizer metadata is copied)."""
+    """The GGUF file the carve started from, if any (a gguf export copies its tokenizer)."""
     try:
         meta = json.loads((carved / REPORT_FILE).read_text()).get("meta", {})
     except (OSError, json.JSONDecodeError):
@@ -85,6 +85,7 @@ def export(
     check: int = 256,
     eps: float | None = None,
     tokenizer_gguf: str | Path | None = None,
+    hf_tokenizer: bool = False,
     overwrite: bool = False,
     ids: torch.Tensor | None = None,
     echo=print,
@@ -109,9 +110,7 @@ def export(
             raise CheckpointError(f"--out {out} is a directory: pass a file path such as model.gguf")
         if out.exists() and not overwrite:
             raise CheckpointError(f"{out} already exists: choose another --out or pass --overwrite")
-    tok_gguf = Path(tokenizer_gguf) if tokenizer_gguf else None
-    if tok_gguf is not None and not tok_gguf.is_file():
-        raise CheckpointError(f"--tokenizer-gguf {tok_gguf} does not exist: check the path")
+    tokenizer = _gguf_tokenizer(carved, tokenizer_gguf, hf_tokenizer) if fmt == "gguf" else None
 
     model = load_carved(carved)
     notes = rewrite.check_source(model) + rewrite.check_routing(model, approximate)
@@ -139,7 +138,7 @@ def export(
     if fmt == "hf":
         report.update(_export_hf(model, native, carved, out, eps, reference, ids, overwrite, report, echo))
     else:
-        report.update(_export_gguf(native, carved, out, quant, tok_gguf, reference, ids, report, echo))
+        report.update(_export_gguf(native, carved, out, quant, tokenizer, reference, ids, report, echo))
     return report
 
 
@@ -181,17 +180,38 @@ def _export_hf(model, native, carved, out, eps, reference, ids, overwrite, repor
     return result
 
 
-def _export_gguf(native, carved, out, quant, tok_gguf, reference, ids, report, echo) -> dict:
+def _gguf_tokenizer(carved: Path, tokenizer_gguf, hf_tokenizer: bool):
+    """What the GGUF file's tokenizer comes from, decided (and converted) before any loading:
+    --tokenizer-gguf, else the carve's source GGUF, else the checkpoint's Hugging Face
+    tokenizer (converted; --hf-tokenizer prefers it to a source GGUF), else none."""
+    from . import gguf_tokenizer
+
+    if tokenizer_gguf and hf_tokenizer:
+        raise CheckpointError("--tokenizer-gguf and --hf-tokenizer exclude each other: pass one")
+    if tokenizer_gguf:
+        path = Path(tokenizer_gguf)
+        if not path.is_file():
+            raise CheckpointError(f"--tokenizer-gguf {path} does not exist: check the path")
+        return path
+    if not hf_tokenizer and (src := source_gguf(carved)) is not None:
+        return src
+    if not hf_tokenizer and not (carved / "tokenizer.json").is_file():
+        return None
+    values = read_carved_config(carved)
+    return gguf_tokenizer.from_hf(carved, int(values["vocab_size"]), _config(carved))
+
+
+def _config(carved: Path):
+    from ..checkpoint import carved_classes
+
+    config_cls, _ = carved_classes(read_carved_config(carved)["cmoe"])
+    return config_cls.from_pretrained(str(carved))
+
+
+def _export_gguf(native, carved, out, quant, tokenizer, reference, ids, report, echo) -> dict:
+    from . import gguf_tokenizer
     from .gguf_glm4moe import write_gguf
 
-    if tok_gguf is None:
-        tok_gguf = source_gguf(carved)
-        if tok_gguf is None and (carved / "tokenizer.json").is_file():
-            raise CheckpointError(
-                "this checkpoint's tokenizer did not come from a GGUF file, and converting a "
-                "Hugging Face tokenizer is not implemented: pass --tokenizer-gguf FILE (a GGUF of "
-                "the source model)"
-            )
     result: dict = {"architecture": "glm4moe (llama.cpp)", "quant": quant}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
@@ -203,7 +223,9 @@ def _export_gguf(native, carved, out, quant, tok_gguf, reference, ids, report, e
         if "approximation_effect" in report:
             extra["cmoe.export.approximation_effect"] = json.dumps(report["approximation_effect"])
         name = native.config.cmoe.get("spec", "carved")
-        result["tokenizer"] = write_gguf(native, tmp, quant, tok_gguf, f"cmoe-{name}", extra)
+        result["tokenizer"] = write_gguf(native, tmp, quant, tokenizer, f"cmoe-{name}", extra)
+        if tokenizer is not None:
+            result["tokenizer_check"] = gguf_tokenizer.verify(tmp, carved, tokenizer, native.config, echo)
         if reference is not None:
             logits = fidelity.llama_cpp_logits(tmp, ids)
             if logits is None:

@@ -87,14 +87,10 @@ def _add(writer, name: str, tensor: torch.Tensor, quant: str) -> None:
         writer.add_tensor(name, quants.quantize(array, qtype), raw_dtype=qtype)
 
 
-def copy_tokenizer(writer, source_gguf: Path | None, vocab_size: int) -> str:
-    """tokenizer.* keys from a GGUF source; without one, a vocabulary-less model (llama.cpp's
-    tokenizer model "none": token ids in, logits out). Returns a description."""
+def copy_tokenizer(writer, source_gguf: Path) -> str:
+    """tokenizer.* keys from a GGUF file. Returns a description."""
     from gguf import GGUFReader, GGUFValueType
 
-    if source_gguf is None:
-        writer.add_tokenizer_model("none")
-        return "none (no GGUF source tokenizer: token ids only)"
     reader = GGUFReader(str(source_gguf))
     n = 0
     for name, field in reader.fields.items():
@@ -111,11 +107,27 @@ def copy_tokenizer(writer, source_gguf: Path | None, vocab_size: int) -> str:
     return f"copied from {source_gguf} ({n} keys)"
 
 
+def add_tokenizer(writer, tokenizer) -> str:
+    """A GGUF file's tokenizer (a Path: copied), a converted Hugging Face one (a
+    gguf_tokenizer.GgufVocab), or none: llama.cpp's tokenizer model "none" (token ids in,
+    logits out). Returns a description."""
+    from . import gguf_tokenizer
+
+    if tokenizer is None:
+        writer.add_tokenizer_model("none")
+        return "none (no tokenizer: token ids only)"
+    if isinstance(tokenizer, gguf_tokenizer.GgufVocab):
+        gguf_tokenizer.write(writer, tokenizer)
+        return f"converted from the Hugging Face tokenizer: {tokenizer.model}, {tokenizer.how}"
+    return copy_tokenizer(writer, Path(tokenizer))
+
+
 def write_gguf(
-    native: NativeModel, path: Path, quant: str = "f32", tokenizer_gguf: Path | None = None,
+    native: NativeModel, path: Path, quant: str = "f32", tokenizer=None,
     name: str = "carved", extra: dict[str, str] | None = None, progress=None,
 ) -> str:
-    """Write the GGUF file to `path`; returns the tokenizer description."""
+    """Write the GGUF file to `path`; returns the tokenizer description (`tokenizer`: see
+    add_tokenizer)."""
     import gguf
 
     check_gguf_expressible(native)
@@ -148,7 +160,7 @@ def write_gguf(
     w.add_nextn_predict_layers(0)
     for key, value in (extra or {}).items():
         w.add_string(key, value)
-    tokenizer = copy_tokenizer(w, tokenizer_gguf, int(c.vocab_size))
+    described = add_tokenizer(w, tokenizer)
 
     t = native.tensors
     _add(w, "token_embd.weight", t["model.embed_tokens.weight"], quant)
@@ -175,4 +187,4 @@ def write_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return tokenizer
+    return described

@@ -1,7 +1,9 @@
 """`--format hf`: a transformers-native `glm4_moe` checkpoint (no remote code, no auto_map).
 
 Why glm4_moe: transformers 5.23, vLLM and SGLang implement it natively (fused MoE kernels,
-tensor and expert parallelism), and llama.cpp's stock convert_hf_to_gguf.py accepts it. It has
+tensor and expert parallelism). (llama.cpp's stock convert_hf_to_gguf.py maps its tensors, but
+its Glm4MoeModel.set_vocab only takes GLM's own tokenizer: see tests/test_stock_converter.py;
+--format gguf writes the GGUF file instead.) It has
 everything a carved Llama / Mistral / Qwen2 / Qwen3 needs: shared experts of any total width
 (`n_shared_experts * moe_intermediate_size`), a per-expert selection bias used for selection
 only (`e_score_correction_bias`), Llama attention with `rotate_half` rope over the whole head
