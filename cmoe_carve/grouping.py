@@ -271,7 +271,8 @@ def routed_features(signals: torch.Tensor, routed: torch.Tensor, normalize: bool
     """One feature row per routed neuron: its signal over the N calibration tokens -> [n, N],
     sparse for sparse boolean markers, else dense. With `normalize`, rows have unit norm."""
     if signals.dtype == torch.bool:
-        density = torch.count_nonzero(signals).item() / max(signals.numel(), 1)
+        sample = signals[:: max(1, signals.shape[0] // 256)]  # counting all 117M took 0.1 s
+        density = torch.count_nonzero(sample).item() / max(sample.numel(), 1)
         if density <= _SPARSE_DENSITY:
             return sparse_marker_features(signals, routed, normalize)
     return dense_features(signals, routed, normalize)

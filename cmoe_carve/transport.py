@@ -74,19 +74,14 @@ def price_sweep(cost: np.ndarray, prices: np.ndarray, m: int) -> np.ndarray:
     for j in range(k):
         other = np.where(a1 == j, b2, b1)  # each item's best reduced cost elsewhere
         prices[j] = _fit_price(cost[:, j], other, m)
-        reduced[:, j] = cost[:, j] + prices[j]
-        stale = (a1 == j) | (a2 == j)
-        if stale.any():
+        x = reduced[:, j] = cost[:, j] + prices[j]
+        stale = np.flatnonzero((a1 == j) | (a2 == j))  # j's old value may sit in the top two
+        beats1 = x < b1
+        beats2 = ~beats1 & (x < b2)
+        b2, a2 = np.where(beats1, b1, np.where(beats2, x, b2)), np.where(beats1, a1, np.where(beats2, j, a2))
+        b1, a1 = np.where(beats1, x, b1), np.where(beats1, j, a1)
+        if stale.size:
             b1[stale], a1[stale], b2[stale], a2[stale] = top_two(reduced[stale])
-        fresh = ~stale
-        x = reduced[fresh, j]
-        f1, f2 = b1[fresh], b2[fresh]
-        beats1 = x < f1
-        beats2 = ~beats1 & (x < f2)
-        b2[fresh] = np.where(beats1, f1, np.where(beats2, x, f2))
-        a2[fresh] = np.where(beats1, a1[fresh], np.where(beats2, j, a2[fresh]))
-        b1[fresh] = np.where(beats1, x, f1)
-        a1[fresh] = np.where(beats1, j, a1[fresh])
     return prices
 
 
@@ -110,14 +105,54 @@ def fit_prices(cost: np.ndarray, prices: np.ndarray, m: int) -> np.ndarray:
     return prices
 
 
-def _moves_from(cost: np.ndarray, members: np.ndarray, a: int) -> np.ndarray:
-    """[k]: the cheapest change in cost when one of cluster a's `members` moves to each cluster
-    (inf back to a itself, and everywhere when a is empty)."""
+def _cheapest_moves(
+    cost: np.ndarray, members: np.ndarray, a: int, columns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For cluster a's `members` and each target cluster in `columns`: the cheapest change in
+    cost of moving one member there, and that member (inf and -1 back to a, or from nothing)."""
     if members.size == 0:
-        return np.full(cost.shape[1], np.inf)
-    delta = (cost[members] - cost[members, a][:, None]).min(0)
-    delta[a] = np.inf
-    return delta
+        return np.full(columns.size, np.inf), np.full(columns.size, -1)
+    delta = cost[np.ix_(members, columns)] - cost[members, a][:, None]  # [|members|, |columns|]
+    delta[:, columns == a] = np.inf
+    pick = delta.argmin(0)
+    return delta[pick, np.arange(columns.size)], members[pick]
+
+
+class _ExchangeGraph:
+    """The members of every cluster and the cheapest move of one of them to each other cluster:
+    edge a -> b of the exchange graph, its cost without prices (best[a, b]) and its item."""
+
+    def __init__(self, cost: np.ndarray, labels: np.ndarray):
+        self.cost, k = cost, cost.shape[1]
+        order = np.argsort(labels, kind="stable")  # by cluster, then by index
+        self.members = np.split(order, np.cumsum(np.bincount(labels, minlength=k))[:-1])
+        self.best, self.item = np.empty((k, k)), np.empty((k, k), dtype=np.int64)
+        every = np.arange(k)
+        for a in range(k):
+            self.best[a], self.item[a] = _cheapest_moves(cost, self.members[a], a, every)
+
+    def tied(self, a: int, b: int) -> np.ndarray:
+        """Members of a (in index order) whose move to b costs exactly the cheapest."""
+        members = self.members[a]
+        delta = self.cost[members, b] - self.cost[members, a]
+        return members[delta == self.best[a, b]]
+
+    def update(self, a: int, labels: np.ndarray, arrived: np.ndarray, left: np.ndarray) -> None:
+        """Cluster a lost `left` and gained `arrived` (`labels` already updated). Only edges
+        whose cheapest item left are recomputed over all members: one column of m, not m x k."""
+        members = self.members[a]
+        members = members[labels[members] == a]
+        if arrived.size:
+            members = np.sort(np.concatenate([members, arrived]))
+            delta, item = _cheapest_moves(self.cost, arrived, a, np.arange(self.cost.shape[1]))
+            better = delta < self.best[a]
+            self.best[a, better], self.item[a, better] = delta[better], item[better]
+        self.members[a] = members
+        stale = np.flatnonzero(np.isin(self.item[a], left))
+        if stale.size:
+            self.best[a, stale], self.item[a, stale] = _cheapest_moves(
+                self.cost, members, a, stale
+            )
 
 
 def _shortest_path(weight: np.ndarray, sources: np.ndarray, targets: np.ndarray):
@@ -154,26 +189,25 @@ def repair(
     k = cost.shape[1]
     labels, prices = labels.copy(), prices.astype(np.float64).copy()
     counts = np.bincount(labels, minlength=k)
-    best_move = np.stack([_moves_from(cost, np.flatnonzero(labels == a), a) for a in range(k)])
+    graph = _ExchangeGraph(cost, labels)
+    nobody = np.empty(0, dtype=np.int64)
     while counts.max() > m:
         # Reduced costs are >= 0 in exact arithmetic; clip the rounding below zero.
-        weight = np.maximum(best_move + prices[None, :] - prices[:, None], 0.0)  # [a, b]
+        weight = np.maximum(graph.best + prices[None, :] - prices[:, None], 0.0)  # [a, b]
         dist, pred, target = _shortest_path(weight, counts > m, counts < m)
         prices -= np.minimum(dist, dist[target])  # path edges become ties, none turns negative
         path = _path_to(pred, target)
-        amount = min(counts[path[0]] - m, m - counts[target])
-        tied = []
-        for a, b in zip(path, path[1:]):
-            members = np.flatnonzero(labels == a)
-            delta = cost[members, b] - cost[members, a]
-            tied.append(members[delta == best_move[a, b]])  # the argmin and its exact ties
-            amount = min(amount, tied[-1].size)
-        for movers, b in zip(tied, path[1:]):
-            labels[movers[:amount]] = b
+        tied = [graph.tied(a, b) for a, b in zip(path, path[1:])]
+        amount = min(counts[path[0]] - m, m - counts[target], *(t.size for t in tied))
+        moved = [t[:amount] for t in tied]  # one set per edge: distinct clusters, distinct items
+        for movers, b in zip(moved, path[1:]):
+            labels[movers] = b
         counts[path[0]] -= amount
         counts[target] += amount
-        for a in path:
-            best_move[a] = _moves_from(cost, np.flatnonzero(labels == a), a)
+        for i, a in enumerate(path):
+            arrived = moved[i - 1] if i else nobody
+            left = moved[i] if i < len(moved) else nobody
+            graph.update(a, labels, arrived, left)
     return labels, prices
 
 
@@ -196,7 +230,8 @@ def keep_previous(
     tight = slack <= 1e-9 * max(float(np.abs(cost).max()), 1.0)
     tight[np.arange(n), labels] = True  # the optimum in hand stays allowed whatever the rounding
     leave = (np.arange(k)[None, :] != previous[:, None]).astype(np.float64)
-    return solve(np.where(tight, leave, float(n + 1)), np.zeros(k), n // k)[0]
+    unit = np.where(tight, leave, float(n + 1))
+    return repair(unit, unit.argmin(1), np.zeros(k), n // k)[0]
 
 
 def solve(cost: np.ndarray, prices: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,239 @@
+"""Grouping time and memory against FFN width: the transport solver against scipy's LSA.
+
+    python benchmarks/grouping_scale.py                     # d_h 1536 ... 28672, LSA to 6144
+    python benchmarks/grouping_scale.py --widths 1536,3072 --reps 1 --out /tmp/gs
+
+Times `group_neurons` (one layer: shared selection, features, balanced k-means, representatives)
+at spec S2A2E16 (2 shared + 14 routed experts of d_h / 16 neurons; the routed neurons are
+n = 14 d_h / 16) on synthetic binary markers for --tokens calibration tokens, --per-token
+neurons marked per token (K_a), drawn without replacement with log-normal neuron popularity
+(--skew sigma: a few neurons fire often, many never, as in real FFNs). Defaults as in a carve:
+max_iter 10, warm_steps 5.
+
+Providers:
+  lsa              the path before the transport solver (benchmarks/grouping_lsa_baseline.py):
+                   dense fp32 features, scipy LSA on the n x n repeated matrix, cycle cancelling
+  transport-dense  the transport solver on dense fp32 features (markers passed as fp16: the
+                   layout contribution grouping uses)
+  transport        the library default for boolean markers: transport solver, sparse features
+
+Each measurement runs in a fresh child process. Memory is the peak RSS increase during the
+call (VmHWM after minus VmRSS before, the peak reset through /proc/self/clear_refs), so it
+counts torch, numpy and scipy allocations alike. Time is the best of --reps calls (one for
+lsa). For lsa, the first pass's cost matrix is also solved by the transport solver afterwards,
+untimed, and both totals are recorded: the exactness check at full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmoe_carve.grouping import group_neurons
+from cmoe_carve.transport import balanced_transport
+
+NUM_SHARED, NUM_EXPERTS = 2, 16  # S2A2E16
+PROVIDERS = ("lsa", "transport-dense", "transport")
+
+
+def synthetic_markers(tokens: int, d_h: int, per_token: int, skew: float, seed: int):
+    """Boolean [tokens, d_h]: per token, `per_token` distinct neurons drawn with probability
+    proportional to a log-normal popularity (Gumbel top-k), in chunks to bound memory."""
+    gen = torch.Generator().manual_seed(seed)
+    log_popularity = skew * torch.randn(d_h, generator=gen)
+    markers = torch.zeros(tokens, d_h, dtype=torch.bool)
+    for start in range(0, tokens, 256):
+        rows = min(256, tokens - start)
+        gumbel = -torch.log(-torch.log(torch.rand(rows, d_h, generator=gen)))
+        top = (log_popularity + gumbel).topk(per_token, dim=1).indices
+        markers[start : start + rows].scatter_(1, top, True)
+    return markers
+
+
+def kmeans_objective(markers: torch.Tensor, experts: torch.Tensor) -> float:
+    """Sum over routed experts of ||f_i - mean||^2 over members, features binary: sum of the
+    members' mark counts minus ||sum of member columns||^2 / m."""
+    counts = markers.sum(0, dtype=torch.float64)
+    total = 0.0
+    for members in experts[NUM_SHARED:]:
+        column_sum = markers[:, members].sum(1, dtype=torch.float64)
+        total += counts[members].sum().item() - column_sum.pow(2).sum().item() / members.numel()
+    return total
+
+
+def _memory_kb() -> tuple[int, int]:
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                fields[line.split(":")[0]] = int(line.split()[1])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def run_child(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    markers = synthetic_markers(args.tokens, args.d_h, args.per_token, args.skew, args.seed)
+    rates = markers.float().mean(0)
+    signals = markers.half() if args.provider == "transport-dense" else markers
+    first_pass = {}
+
+    def call():
+        if args.provider == "lsa":
+            from grouping_lsa_baseline import group_neurons_lsa
+
+            def keep(cost, labels):
+                first_pass["cost"], first_pass["labels"] = cost.clone(), labels.clone()
+
+            return group_neurons_lsa(signals, rates, NUM_SHARED, NUM_EXPERTS, args.max_iter,
+                                     args.warm_steps, on_cost=keep)
+        return group_neurons(signals, rates, NUM_SHARED, NUM_EXPERTS, args.max_iter,
+                             warm_steps=args.warm_steps)
+
+    rss_before, _ = _memory_kb()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current RSS
+    seconds = []
+    for _ in range(1 if args.provider == "lsa" else args.reps):
+        start = time.perf_counter()
+        layout = call()
+        seconds.append(time.perf_counter() - start)
+    _, peak = _memory_kb()
+    row = dict(
+        provider=args.provider, d_h=args.d_h, routed=args.d_h * 14 // 16, tokens=args.tokens,
+        seconds=min(seconds), seconds_all=seconds, peak_rss_mb=(peak - rss_before) / 1024,
+        iterations=layout.iterations, converged=layout.converged,
+        objective=kmeans_objective(markers, layout.experts), threads=torch.get_num_threads(),
+    )
+    if first_pass:
+        cost = first_pass["cost"].numpy().astype(np.float64)
+        rows = np.arange(cost.shape[0])
+        ours, _ = balanced_transport(cost)
+        row["first_pass_lsa"] = float(cost[rows, first_pass["labels"].numpy()].sum())
+        row["first_pass_transport"] = float(cost[rows, ours].sum())
+    return row
+
+
+def measure(provider: str, d_h: int, args) -> dict:
+    command = [sys.executable, __file__, "--child", provider, "--d-h", str(d_h)]
+    for flag in ("tokens", "per_token", "skew", "seed", "max_iter", "warm_steps", "reps",
+                 "threads"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def growth(rows: list[dict], provider: str) -> str:
+    """Exponents a in time ~ d_h^a between consecutive widths measured."""
+    points = sorted((r["d_h"], r["seconds"]) for r in rows if r["provider"] == provider)
+    steps = [
+        f"{math.log(t2 / t1) / math.log(d2 / d1):.2f}"
+        for (d1, t1), (d2, t2) in zip(points, points[1:])
+    ]
+    return ", ".join(steps)
+
+
+def write_table(rows: list[dict], meta: dict, path: Path) -> None:
+    by = {(r["provider"], r["d_h"]): r for r in rows}
+    widths = sorted({r["d_h"] for r in rows})
+
+    def cell(provider, d_h, key, fmt):
+        r = by.get((provider, d_h))
+        return fmt.format(r[key]) if r else "-"
+
+    lines = [
+        f"`group_neurons` per layer, S2A2E16, {meta['tokens']} tokens, K_a = "
+        f"{meta['per_token']} markers per token (log-normal popularity, sigma "
+        f"{meta['skew']}), max_iter {meta['max_iter']}, warm_steps {meta['warm_steps']}. "
+        f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s); a machine "
+        "shared with other jobs, so times are best-of-reps and ratios matter more than "
+        "absolute seconds. Memory: peak RSS increase during the call.",
+        "",
+        "| d_h | routed n | lsa s | transport-dense s | transport s | lsa / transport | "
+        "lsa MB | transport-dense MB | transport MB | passes (converged) | "
+        "first pass: transport - lsa cost |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for d_h in widths:
+        lsa, ours = by.get(("lsa", d_h)), by.get(("transport", d_h))
+        ratio = f"{lsa['seconds'] / ours['seconds']:.0f}x" if lsa and ours else "-"
+        first = (
+            f"{lsa['first_pass_transport'] - lsa['first_pass_lsa']:.2e}"
+            if lsa and "first_pass_lsa" in lsa else "-"
+        )
+        passes = f"{ours['iterations']} ({'yes' if ours['converged'] else 'no'})" if ours else "-"
+        lines.append(
+            f"| {d_h} | {d_h * 14 // 16} | {cell('lsa', d_h, 'seconds', '{:.2f}')} | "
+            f"{cell('transport-dense', d_h, 'seconds', '{:.2f}')} | "
+            f"{cell('transport', d_h, 'seconds', '{:.2f}')} | {ratio} | "
+            f"{cell('lsa', d_h, 'peak_rss_mb', '{:.0f}')} | "
+            f"{cell('transport-dense', d_h, 'peak_rss_mb', '{:.0f}')} | "
+            f"{cell('transport', d_h, 'peak_rss_mb', '{:.0f}')} | {passes} | {first} |"
+        )
+    lines += [
+        "",
+        "Growth, time ~ d_h^a between consecutive widths: "
+        + "; ".join(f"{p}: {growth(rows, p)}" for p in PROVIDERS if growth(rows, p)),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="1536,3072,6144,14336,28672")
+    parser.add_argument("--lsa-max", type=int, default=6144, help="widest d_h run with lsa")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--per-token", type=int, default=10, help="K_a")
+    parser.add_argument("--skew", type=float, default=1.0, help="sigma of log popularity")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-iter", type=int, default=10)
+    parser.add_argument("--warm-steps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", default="benchmarks/grouping_scale", help="OUT.json/.md")
+    parser.add_argument("--child", choices=PROVIDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--d-h", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.provider = args.child
+        print(json.dumps(run_child(args)))
+        return
+
+    rows = []
+    for d_h in (int(w) for w in args.widths.split(",")):
+        for provider in args.providers.split(","):
+            if provider == "lsa" and d_h > args.lsa_max:
+                continue
+            row = measure(provider, d_h, args)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    meta = dict(
+        tokens=args.tokens, per_token=args.per_token, skew=args.skew, seed=args.seed,
+        max_iter=args.max_iter, warm_steps=args.warm_steps, reps=args.reps,
+        threads=rows[0]["threads"] if rows else None, torch=torch.__version__,
+        machine=f"{platform.machine()} {os.cpu_count()}-core {platform.system()}",
+        date=time.strftime("%Y-%m-%d"), version=1,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2, sort_keys=True) + "\n"
+    )
+    write_table(rows, meta, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
