@@ -18,8 +18,9 @@ Providers:
   transport        the library default for boolean markers: transport solver, sparse features
 
 Each measurement runs in a fresh child process. Memory is the peak RSS increase during the
-call (VmHWM after minus VmRSS before, the peak reset through /proc/self/clear_refs), so it
-counts torch, numpy and scipy allocations alike. Time is the best of --reps calls (one for
+calls (VmHWM after minus VmRSS before, the peak reset through /proc/self/clear_refs, glibc
+told to unmap freed blocks of 128 KiB and more), so it counts torch, numpy and scipy
+allocations alike; the input markers are allocated before and not counted. Time is the best of --reps calls (one for
 lsa). For lsa, the first pass's cost matrix is also solved by the transport solver afterwards,
 untimed, and both totals are recorded: the exactness check at full size.
 """
@@ -129,7 +130,11 @@ def measure(provider: str, d_h: int, args) -> dict:
     for flag in ("tokens", "per_token", "skew", "seed", "max_iter", "warm_steps", "reps",
                  "threads"):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    # Blocks of 128 KiB or more are mmapped and unmapped when freed (glibc otherwise raises the
+    # threshold to the largest block freed, up to 32 MiB, and keeps such blocks resident): the
+    # RSS peak then tracks live memory rather than what earlier frees left behind.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent),
+               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -142,6 +147,40 @@ def growth(rows: list[dict], provider: str) -> str:
         for (d1, t1), (d2, t2) in zip(points, points[1:])
     ]
     return ", ".join(steps)
+
+
+NOTES = """\
+## How each grows
+
+- **lsa**: the first pass solves an n x n assignment (n = routed neurons): memory n^2 float64
+  (231 MB at d_h 6,144, 1.26 GB at 14,336, 5 GB at 28,672) and time between n^2 and n^3; the
+  later passes cancel one exchange cycle per O(n k + n log n) round, so they grow with the
+  number of labels that change times n. Not run above 6,144: extrapolating the measured
+  exponent, 14,336 takes several minutes and 28,672 tens of minutes per layer.
+- **transport**: memory O(n k) for the solver (a few [n, k] float64 copies: 2.8 MB each at
+  n = 25,088) plus O(nonzeros) for the sparse features, so the peak barely moves with d_h.
+  Time: each price sweep is O(n k), each shortest path O(k^2 + m) (one column of the
+  exchange graph is recomputed per cluster on the path) and tied neurons move in bulk, so a
+  pass is close to linear in n; the per-layer total also pays one pass over the [N, d_h]
+  markers to find the nonzeros. Pass counts differ between widths (k-means converges in 2-8
+  passes up to 6,144 and uses all 10 above), which bends the exponents.
+- **transport-dense**: the same solver on dense fp32 features: the [n, N] features (411 MB at
+  28,672) and two [n, N] x [N, k] matmuls per pass are O(n N), the cost contribution grouping
+  pays (its signals are real-valued, not sparse).
+
+## What a GPU would change
+
+Nothing measured here (no GPU on this machine); the reasoning: the carve profiles each layer
+on the accelerator and moves the markers to the CPU for grouping (a [4096, 28672] bool
+matrix: 117 MB, ~10 ms over PCIe). For marker grouping the k-means algebra is O(nonzeros),
+already milliseconds, and the solver is small vectorised steps on [n, k] arrays plus a
+sequential shortest-path loop over k = 14 nodes: on a GPU each step would be a kernel launch
+of ~10 us doing microseconds of work, and every path needs a host sync to pick the next, so
+a port would gain little (the sweeps perhaps 5x, the paths nothing). The dense path is where a
+GPU helps: its [n, N] fp32 matmuls (2 x 2.9 GFLOP per pass at 28,672, ~0.2 s on one CPU
+thread) take about a millisecond on an H100-class GPU, which would bring transport-dense
+down to about the transport figure. The old lsa path cannot use a GPU at all (scipy).
+"""
 
 
 def write_table(rows: list[dict], meta: dict, path: Path) -> None:
@@ -186,6 +225,7 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
         "Growth, time ~ d_h^a between consecutive widths: "
         + "; ".join(f"{p}: {growth(rows, p)}" for p in PROVIDERS if growth(rows, p)),
         "",
+        NOTES,
     ]
     path.write_text("\n".join(lines))
 
@@ -201,7 +241,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-iter", type=int, default=10)
     parser.add_argument("--warm-steps", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default="benchmarks/grouping_scale", help="OUT.json/.md")
     parser.add_argument("--child", choices=PROVIDERS, help=argparse.SUPPRESS)

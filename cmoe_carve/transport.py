@@ -53,9 +53,7 @@ def _fit_price(cost_j: np.ndarray, other: np.ndarray, m: int) -> float:
     (m+1)-th largest saving other - cost_j (an item prefers the cluster when its price is below
     the item's saving)."""
     saving = other - cost_j
-    n = saving.size
-    if m == n:
-        return float(saving.min()) - 1.0
+    n = saving.size  # > m: there are at least two clusters
     part = np.partition(saving, [n - m - 1, n - m])
     return 0.5 * (float(part[n - m - 1]) + float(part[n - m]))
 
@@ -78,7 +76,8 @@ def price_sweep(cost: np.ndarray, prices: np.ndarray, m: int) -> np.ndarray:
         stale = np.flatnonzero((a1 == j) | (a2 == j))  # j's old value may sit in the top two
         beats1 = x < b1
         beats2 = ~beats1 & (x < b2)
-        b2, a2 = np.where(beats1, b1, np.where(beats2, x, b2)), np.where(beats1, a1, np.where(beats2, j, a2))
+        b2 = np.where(beats1, b1, np.where(beats2, x, b2))
+        a2 = np.where(beats1, a1, np.where(beats2, j, a2))
         b1, a1 = np.where(beats1, x, b1), np.where(beats1, j, a1)
         if stale.size:
             b1[stale], a1[stale], b2[stale], a2[stale] = top_two(reduced[stale])
@@ -226,8 +225,9 @@ def keep_previous(
     n, k = cost.shape
     reduced = cost + prices
     slack = reduced - reduced.min(1, keepdims=True)
-    # Prices carry rounding of a few ulps of the largest cost: allow that much slack.
-    tight = slack <= 1e-9 * max(float(np.abs(cost).max()), 1.0)
+    # Prices carry the rounding of every path that moved them, far below 1e-10 of the largest
+    # cost; float32 k-means costs are themselves only good to ~1e-7.
+    tight = slack <= 1e-10 * max(float(np.abs(cost).max()), 1.0)
     tight[np.arange(n), labels] = True  # the optimum in hand stays allowed whatever the rounding
     leave = (np.arange(k)[None, :] != previous[:, None]).astype(np.float64)
     unit = np.where(tight, leave, float(n + 1))
@@ -246,16 +246,19 @@ def balanced_transport(
     """The optimal assignment of n items to k clusters of exactly n / k items each.
 
     cost [n, k] (float64; ||neuron - centroid||^2 in k-means) -> (labels [n] int64, prices [k]).
-    `prices` from a similar problem (the previous k-means pass) is a warm start: it changes
-    only the time taken. Among equally cheap assignments the result is the one keeping most
-    items at their `previous` labels [n] when given; deterministic in any case (ties go to the
-    lower cluster index, tied items move in index order).
+    `prices` from a similar problem (the previous k-means pass) is a warm start: it changes the
+    time taken and, where several assignments are equally cheap, which one comes back, never
+    the cost. With `previous` labels [n], the one returned keeps the most items at their
+    previous labels. Deterministic (ties go to the lower cluster index, tied items move in
+    index order).
     Memory O(n k); time O(n k) per price sweep and per shortest path.
     """
     n, k = cost.shape
     if k == 0 or n % k:
         raise ValueError(f"{n} items cannot form {k} equal clusters")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
+    if not np.isfinite(cost).all():
+        raise ValueError("balanced_transport needs finite costs")
     start = np.zeros(k) if prices is None else np.asarray(prices, dtype=np.float64)
     if k == 1:
         return np.zeros(n, dtype=np.int64), start.copy()

@@ -143,9 +143,11 @@ def test_transport_is_deterministic():
     assert torch.equal(balanced_assign(cost), balanced_assign(cost.clone()))
 
 
-def test_transport_rejects_unequal_clusters():
+def test_transport_rejects_unequal_clusters_and_non_finite_costs():
     with pytest.raises(ValueError):
         balanced_transport(np.zeros((10, 3)))
+    with pytest.raises(ValueError):
+        balanced_transport(np.array([[0.0, np.inf], [1.0, 0.0]]))
 
 
 def test_repair_from_cheapest_picks_reaches_the_optimum():
