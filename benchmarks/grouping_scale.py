@@ -140,13 +140,24 @@ def measure(provider: str, d_h: int, args) -> dict:
 
 
 def growth(rows: list[dict], provider: str) -> str:
-    """Exponents a in time ~ d_h^a between consecutive widths measured."""
+    """Exponents a in time ~ d_h^a between consecutive widths measured, and end to end."""
     points = sorted((r["d_h"], r["seconds"]) for r in rows if r["provider"] == provider)
-    steps = [
-        f"{math.log(t2 / t1) / math.log(d2 / d1):.2f}"
-        for (d1, t1), (d2, t2) in zip(points, points[1:])
-    ]
-    return ", ".join(steps)
+    if len(points) < 2:
+        return ""
+
+    def exponent(first, last):
+        return f"{math.log(last[1] / first[1]) / math.log(last[0] / first[0]):.2f}"
+
+    steps = ", ".join(exponent(a, b) for a, b in zip(points, points[1:]))
+    return f"{steps} (overall {exponent(points[0], points[-1])})"
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 NOTES = """\
@@ -162,11 +173,15 @@ NOTES = """\
   Time: each price sweep is O(n k), each shortest path O(k^2 + m) (one column of the
   exchange graph is recomputed per cluster on the path) and tied neurons move in bulk, so a
   pass is close to linear in n; the per-layer total also pays one pass over the [N, d_h]
-  markers to find the nonzeros. Pass counts differ between widths (k-means converges in 2-8
-  passes up to 6,144 and uses all 10 above), which bends the exponents.
+  markers to find the nonzeros. Pass counts differ between widths (see the table), which
+  bends the exponents.
 - **transport-dense**: the same solver on dense fp32 features: the [n, N] features (411 MB at
   28,672) and two [n, N] x [N, k] matmuls per pass are O(n N), the cost contribution grouping
   pays (its signals are real-valued, not sparse).
+- **objective**: every pass's assignment is exact (the last column: on lsa's own first-pass
+  cost matrix the transport solver reaches the same total). Where several assignments are
+  equally cheap (tied neurons) the two pick different ones, k-means then follows different
+  paths, and the final objectives differ in the fifth or sixth digit, either way.
 
 ## What a GPU would change
 
@@ -201,8 +216,8 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
         "",
         "| d_h | routed n | lsa s | transport-dense s | transport s | lsa / transport | "
         "lsa MB | transport-dense MB | transport MB | passes (converged) | "
-        "first pass: transport - lsa cost |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "first pass: transport - lsa cost | final objective: transport / lsa - 1 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for d_h in widths:
         lsa, ours = by.get(("lsa", d_h)), by.get(("transport", d_h))
@@ -212,13 +227,14 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
             if lsa and "first_pass_lsa" in lsa else "-"
         )
         passes = f"{ours['iterations']} ({'yes' if ours['converged'] else 'no'})" if ours else "-"
+        final = f"{ours['objective'] / lsa['objective'] - 1:+.1e}" if lsa and ours else "-"
         lines.append(
             f"| {d_h} | {d_h * 14 // 16} | {cell('lsa', d_h, 'seconds', '{:.2f}')} | "
             f"{cell('transport-dense', d_h, 'seconds', '{:.2f}')} | "
             f"{cell('transport', d_h, 'seconds', '{:.2f}')} | {ratio} | "
             f"{cell('lsa', d_h, 'peak_rss_mb', '{:.0f}')} | "
             f"{cell('transport-dense', d_h, 'peak_rss_mb', '{:.0f}')} | "
-            f"{cell('transport', d_h, 'peak_rss_mb', '{:.0f}')} | {passes} | {first} |"
+            f"{cell('transport', d_h, 'peak_rss_mb', '{:.0f}')} | {passes} | {first} | {final} |"
         )
     lines += [
         "",
@@ -244,6 +260,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default="benchmarks/grouping_scale", help="OUT.json/.md")
+    parser.add_argument("--table-only", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--child", choices=PROVIDERS, help=argparse.SUPPRESS)
     parser.add_argument("--d-h", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,6 +269,11 @@ def main() -> None:
         print(json.dumps(run_child(args)))
         return
 
+    out = Path(args.out)
+    if args.table_only:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write_table(saved["rows"], saved["meta"], out.with_suffix(".md"))
+        return
     rows = []
     for d_h in (int(w) for w in args.widths.split(",")):
         for provider in args.providers.split(","):
@@ -264,10 +286,9 @@ def main() -> None:
         tokens=args.tokens, per_token=args.per_token, skew=args.skew, seed=args.seed,
         max_iter=args.max_iter, warm_steps=args.warm_steps, reps=args.reps,
         threads=rows[0]["threads"] if rows else None, torch=torch.__version__,
-        machine=f"{platform.machine()} {os.cpu_count()}-core {platform.system()}",
+        machine=f"{cpu_name()}, {os.cpu_count()} cores",
         date=time.strftime("%Y-%m-%d"), version=1,
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2, sort_keys=True) + "\n"
