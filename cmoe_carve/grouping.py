@@ -184,11 +184,12 @@ def balanced_kmeans(
     equally cheap assignments, keeps the previous labels.
     """
     k = init.numel()
+    features = features.float()
     norms = row_norms(features)
     centroids = lloyd_centroids(features, take_rows(features, init), norms, warm_steps)
     labels, prices = None, None
     for iteration in range(1, max_iter + 1):
-        cost = squared_distances(features, centroids, norms).numpy().astype(np.float64)
+        cost = squared_distances(features, centroids, norms).cpu().numpy().astype(np.float64)
         new, prices = balanced_transport(cost, prices, previous=labels)
         new = torch.from_numpy(new)
         converged = labels is not None and (new != labels).float().mean().item() <= tol
