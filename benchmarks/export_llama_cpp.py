@@ -199,13 +199,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for the perplexity runs")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--speed-rows", type=Path, help="reuse speed rows (JSON lines this script printed) instead of measuring")
+    ap.add_argument("--speed-threads", default="1,2",
+                    help="thread counts to measure; rows of other counts are kept from --out's JSON")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/export_llama_cpp"))
     args = ap.parse_args()
+    threads = tuple(int(t) for t in args.speed_threads.split(","))
+    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
     if args.speed_rows:
         rows = [json.loads(line) for line in args.speed_rows.read_text().splitlines() if line.strip()]
     else:
-        rows = speed(args.bin, args.dense_f32, args.carved_f32, args.rounds, QUANTS, (1, 2))
-    q = None if args.no_quality else quality(args, args.dense_f32, args.carved_f32)
+        rows = speed(args.bin, args.dense_f32, args.carved_f32, args.rounds, QUANTS, threads)
+    kept = [r for r in previous.get("speed", []) if r["threads"] not in {r["threads"] for r in rows}]
+    rows = sorted(kept + rows, key=lambda r: (r["threads"], QUANTS.index(r["quant"])))
+    # Speed alone (--no-quality) keeps the perplexity table measured before.
+    q = previous.get("perplexity") if args.no_quality else quality(args, args.dense_f32, args.carved_f32)
     args.out.with_suffix(".json").write_text(json.dumps({"speed": rows, "perplexity": q}, indent=2))
     args.out.with_suffix(".md").write_text(table(rows, q))
     plot(rows, args.out.with_suffix(".png"))
