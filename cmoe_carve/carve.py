@@ -234,13 +234,16 @@ def carve_model(
     """
     start = time.perf_counter()
     layout = config.layout
-    mlps = gated_mlps_or_error(model)
+    found = gated_mlps_or_error(model)
     act_name = activation_name(model.config)
-    intermediate = mlps[0][1].gate_proj.weight.shape[0]
+    intermediate = found[0][1].gate_proj.weight.shape[0]
     check_spec_fits(layout, intermediate)
-    layers = [_layer_of(model, name) for name, _ in mlps]
+    # Names only: a list of the dense MLPs would keep every one alive beside its carved copy.
+    names = [name for name, _ in found]
+    del found
+    layers = [_layer_of(model, name) for name in names]
     model.eval()
-    prefixes = [name.rpartition(".")[0] for name, _ in mlps]
+    prefixes = [name.rpartition(".")[0] for name in names]
     if layer_io is not None:
         device = layer_io.device
         layer_io.prepare(model, prefixes)
@@ -265,12 +268,13 @@ def carve_model(
 
     reports: list[LayerReport] = []
     layer_costs: list[torch.Tensor] = []
-    with progress_bar(len(mlps), "carving layers", enabled=progress) as bar:
-        for (name, mlp), layer, prefix, (args, kwargs) in zip(mlps, layers, prefixes, layer_args):
+    with progress_bar(len(names), "carving layers", enabled=progress) as bar:
+        for name, layer, prefix, (args, kwargs) in zip(names, layers, prefixes, layer_args):
             t0 = time.perf_counter()
             facts = {}
             if layer_io is not None:
                 layer_io.load(prefix, layer)
+            mlp = model.get_submodule(name)
 
             residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
             batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
@@ -301,6 +305,8 @@ def carve_model(
                 layer_costs.append(facts["cost"])
             if layer_io is not None:
                 layer_io.release(prefix, layer)
+                mlp.to("meta")  # the dense MLP read for this layer
+            del mlp, carved, carve_fn
             seconds = time.perf_counter() - t0
             reports.append(_layer_report(name, layout, intermediate, facts, seconds))
             bar.advance(info=f"last layer {seconds:.1f} s")
@@ -309,12 +315,12 @@ def carve_model(
         ks = allocate_budgets(
             layer_costs, layout.top_k, k_min=1, k_max=min(layout.num_routed, 2 * layout.top_k)
         )
-        for (name, _), k, report in zip(mlps, ks, reports):
+        for name, k, report in zip(names, ks, reports):
             model.get_submodule(name).router.top_k = k
             report.top_k = k
         log.info("adaptive budgets (active routed experts per layer): %s", ks)
     # MoNE applies from here on: the routers, budgets and report above see whole experts.
-    for name, _ in mlps:
+    for name in names:
         carved = model.get_submodule(name)
         carved.neuron_keep, carved.shared_neuron_keep = config.neuron_keep, config.shared_neuron_keep
 
@@ -328,7 +334,7 @@ def carve_model(
         "activation": act_name,
         "router": "linear" if config.router == "fitted" else "representative",
         "compensate": config.compensate,
-        "mlp_names": [name for name, _ in mlps],
+        "mlp_names": list(names),
         "base_config_class": type(model.config).__name__,
         "base_model_class": type(model).__name__,
     }

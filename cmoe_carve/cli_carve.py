@@ -95,7 +95,7 @@ def carve_command(
         "auto streams a local model whose weights would not fit comfortably.",
     ),
     shard_size: float = typer.Option(
-        50.0, help="Largest output weight file in GiB when streaming (then an index joins them)."
+        5.0, help="Largest output weight file in GiB when streaming (then an index joins them)."
     ),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
     progress: bool = typer.Option(True, help="Show progress bars."),

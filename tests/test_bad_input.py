@@ -192,7 +192,7 @@ def apply_break(root: Path, rel: str, how: str, monkeypatch) -> None:
         import cmoe_carve.shards as shards
 
         monkeypatch.setattr(mu, "safe_save_file", fake_enospc(1))
-        monkeypatch.setattr(shards, "save_file", fake_enospc(1))  # streamed carves' shards
+        monkeypatch.setattr(shards.ShardWriter, "_assemble", fake_enospc(3))  # streamed shards
     else:
         raise ValueError(how)
 

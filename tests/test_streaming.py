@@ -98,11 +98,37 @@ def test_shard_writer_names_and_indexes_shards(tmp_path):
     assert {k: v for k, v in _tensors(tmp_path).items()} .keys() == tensors.keys()
     read = CheckpointTensors(tmp_path).read(list(tensors), torch.float64, "cpu")
     assert all(torch.equal(read[k], tensors[k].double()) for k in tensors)
+    w = ShardWriter(tmp_path / "again")
+    (tmp_path / "again").mkdir()
+    w.add("a", torch.ones(1))
     with pytest.raises(ValueError, match="twice"):
-        ShardWriter(tmp_path / "x").add("a", torch.ones(1)) or None
-        w = ShardWriter(tmp_path)
         w.add("a", torch.ones(1))
-        w.add("a", torch.ones(1))
+
+
+def test_shard_writer_keeps_dtypes_shapes_and_oversized_tensors(tmp_path):
+    # Tensors go to disk as they come (nothing held until finish): a bf16 matrix, a scalar, an
+    # empty tensor, a non-contiguous view, and one larger than a shard, which gets its own.
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=gen).bfloat16(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "view": torch.randn(4, 6, generator=gen).t(),
+        "big": torch.arange(100, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+    writer = ShardWriter(tmp_path, max_bytes=200)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    assert not list(tmp_path.glob("*.safetensors"))  # provisional until finish
+    names = writer.finish()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    assert list(index.values()).count(index["big"]) == 1  # 800 bytes: a shard of its own
+    read = _tensors(tmp_path)
+    assert set(read) == set(tensors) and len(names) == len(set(index.values()))
+    for name, t in tensors.items():
+        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
+    assert not list(tmp_path.glob(".shard-*"))
 
 
 def test_auto_streams_only_what_does_not_fit(tmp_path, monkeypatch):
