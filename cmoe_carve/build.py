@@ -42,8 +42,11 @@ def build_carved_mlp(
         router="representative",
     ).to(device=w_gate.device, dtype=w_gate.dtype)
     idx = layout.experts.to(w_gate.device)  # [E, m]
-    carved.gate_up_proj.copy_(torch.cat([w_gate[idx], w_up[idx]], dim=1))  # [E, 2m, D]
-    carved.down_proj.copy_(w_down[:, idx].permute(1, 0, 2))  # [E, D, m]
+    with torch.no_grad():
+        for e in range(num_experts):  # expert by expert: no whole-FFN temporaries beside the copy
+            carved.gate_up_proj[e, :m].copy_(w_gate[idx[e]])  # [E, 2m, D]: gate rows, up rows
+            carved.gate_up_proj[e, m:].copy_(w_up[idx[e]])
+            carved.down_proj[e].copy_(w_down[:, idx[e]])  # [E, D, m]
     reps = layout.representatives.to(w_gate.device)
     rg, ru = w_gate[reps].float(), w_up[reps].float()
     if cosine_router:  # unit rows, as the official CMoE router

@@ -287,6 +287,7 @@ def carve_model(
             carve_fn = functools.partial(
                 carve_mlp, config=config, act_name=act_name, name=name, facts=facts,
                 residual=residual, stream_goal=stream_goal(dense_next, mids),
+                free_dense=layer_io is not None,
             )
             try:
                 with torch.no_grad():

@@ -34,12 +34,13 @@ PROFILE_TOKENS = 32768
 
 
 def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: str, facts: dict,
-              residual: torch.Tensor, stream_goal=None) -> CarvedMLP:
+              residual: torch.Tensor, stream_goal=None, free_dense: bool = False) -> CarvedMLP:
     """The carved FFN of `dense` for its inputs x [N, D] (all calibration tokens of the layer).
 
     residual [N, D]: the stream entering the layer (adaptive budgets weigh errors by it);
     stream_goal(idx): the refit's targets for rows idx when fitting to the dense model's own
     stream (None: the dense FFN's output). What the report needs goes into `facts`.
+    free_dense: drop the dense weights once the carved copy exists (a streamed layer's own).
     """
     by_contribution = config.grouping == "contribution"
     down_norms = dense.down_proj.weight.float().norm(dim=0) if by_contribution else None
@@ -60,15 +61,22 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         tol=config.kmeans_tol,
     )
     prof.contributions = None  # [N, d_h]: free it before the next layer
-    carved = build_carved_mlp(
-        dense, groups, config.layout.num_shared, config.layout.top_k, act_name,
-        config.cosine_scores,
-    )
     rows = held_out_rows(x.shape[0], ERROR_TOKENS)
     fit = torch.ones(x.shape[0], dtype=torch.bool)
     fit[rows] = False  # measured on tokens the fits did not see
     fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
     fit_rows = fit_rows[:: max(1, fit_rows.numel() // FIT_TOKENS)]
+    held = rows.to(x.device)
+    # The dense FFN's outputs that the fits and the report compare with, made before the dense
+    # weights can go (streaming frees them once the carved copy exists).
+    dense_held = dense(x[held]).float()
+    dense_fit = dense(x[fit_rows]).float() if config.refit and stream_goal is None else None
+    carved = build_carved_mlp(
+        dense, groups, config.layout.num_shared, config.layout.top_k, act_name,
+        config.cosine_scores,
+    )
+    if free_dense:
+        dense.to("meta")
     hidden = None
     if config.router == "fitted":
         hidden = fit_router(carved, x[fit_rows], config.ridge)
@@ -85,30 +93,30 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         fit_compensation(carved, x[fit_rows[::2]], kept)
     del hidden
     if config.refit:
-        def targets(idx):
-            if stream_goal is None:
-                return dense(x[idx]).float()
-            return stream_goal(idx)
-
-        xs, target = x[fit_rows], targets(fit_rows)
-        held = rows.to(x.device)
-        x_held, t_held = x[held], targets(held)
+        xs = x[fit_rows]
+        if stream_goal is None:
+            target, t_held = dense_fit, dense_held
+        else:
+            target, t_held = stream_goal(fit_rows), stream_goal(held)
+        x_held = x[held]
         before = (carved(x_held).float() - t_held).pow(2).sum().item()
-        slices = carved.down_proj.detach().clone()
-        refit_down(carved, xs, target, config.refit_ridge)
+        slices = refit_down(carved, xs, target, config.refit_ridge)  # [E*m, D]: the old weights
         after = (carved(x_held).float() - t_held).pow(2).sum().item()
         # Held-out tokens decide: they include every window's first token (rows
         # 0 mod 8), whose outsized activations the fit rows never contain. On
         # SmolLM2 at S3A3E8 an unguarded refit took perplexity from 36 to 339.
         facts["refit_kept"] = after < before
         if not facts["refit_kept"]:
-            carved.down_proj.copy_(slices)
+            num_experts, dim, m = carved.down_proj.shape
+            old = slices[: num_experts * m].t().reshape(dim, num_experts, m).permute(1, 0, 2)
+            carved.down_proj.copy_(old)
             carved.drop_caches()
             log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
                      "kept the slices", name, before, after)
         del slices
     if config.adaptive:
         few = rows[:: max(1, rows.numel() // BUDGET_TOKENS)].to(x.device)
-        facts["cost"] = budget_cost(carved, dense, x[few], residual[few])
-    facts.update(prof=prof, groups=groups, stats=routing_stats(carved, dense, x, rows))
+        few_held = torch.arange(0, rows.numel(), max(1, rows.numel() // BUDGET_TOKENS))[: few.numel()]
+        facts["cost"] = budget_cost(carved, x[few], dense_held[few_held.to(x.device)], residual[few])
+    facts.update(prof=prof, groups=groups, stats=routing_stats(carved, x, rows, dense_held))
     return carved

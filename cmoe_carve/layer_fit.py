@@ -5,7 +5,6 @@ statistics of the carve report. Each takes a CarvedMLP and the layer's FFN input
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .budget import error_by_active_experts
 from .modeling_cmoe import CarvedMLP
@@ -30,13 +29,14 @@ def held_out_rows(num_tokens: int, limit: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_stats(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, rows: torch.Tensor):
+def routing_stats(carved: CarvedMLP, x: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor):
     """Expert load (fraction of tokens per routed expert), relative reconstruction error and
-    agreement with the norm-oracle on the held-out rows."""
+    agreement with the norm-oracle on the held-out rows; ref [rows, D]: the dense FFN's output
+    there."""
     _, _, top = carved.route(x)
     counts = torch.bincount(top.reshape(-1).cpu(), minlength=carved.num_routed).double()
     xs = x[rows.to(x.device)]
-    ref = dense(xs).float()
+    ref = ref.float()
     err = (carved(xs).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
     norms = _routed_norms(carved, xs)
     agree = oracle_agreement(carved.router.logits(xs), norms, carved.top_k)
@@ -119,13 +119,13 @@ def selection_scores(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def budget_cost(carved: CarvedMLP, dense: nn.Module, x: torch.Tensor, residual: torch.Tensor):
+def budget_cost(carved: CarvedMLP, x: torch.Tensor, ref: torch.Tensor, residual: torch.Tensor):
     """Error of this layer's carved FFN for k = 0..Nr active routed experts, relative to the
-    energy of the residual stream it is added to -> [Nr + 1]."""
+    energy of the residual stream it is added to -> [Nr + 1]; ref: the dense FFN's output on x."""
     outs = expert_outputs(x, carved.gate_up_proj, carved.down_proj, carved.act_fn)  # [T, E, D]
     s = carved.num_shared
     order = selection_scores(carved, x) + carved.router.bias.float()
-    err = error_by_active_experts(order, outs[:, s:], outs[:, :s].sum(1), dense(x).float())
+    err = error_by_active_experts(order, outs[:, s:], outs[:, :s].sum(1), ref.float())
     return err / residual.double().pow(2).sum().clamp_min(1e-30)
 
 

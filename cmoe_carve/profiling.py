@@ -10,6 +10,7 @@ import torch.nn.functional as F
 # Tokens scored at once: bounds the [chunk, d_h] fp32 score matrix (4096 x 11008 x 4 B = 180 MB
 # for Llama-2-7B) while keeping the matmuls large enough to run at full speed.
 _CHUNK = 4096
+_NEURON_BLOCK = 2048
 
 
 def neuron_scores(
@@ -22,11 +23,18 @@ def neuron_scores(
     depend on its weights' magnitude.
     """
     x = x.float()
-    w_gate, w_up = w_gate.float(), w_up.float()
     if cosine:
         x = F.normalize(x, dim=-1)
-        w_gate, w_up = F.normalize(w_gate, dim=-1), F.normalize(w_up, dim=-1)
-    return act_fn(x @ w_gate.t()) * (x @ w_up.t())
+    out = torch.empty(x.shape[0], w_gate.shape[0], dtype=torch.float32, device=x.device)
+    # Blocks of neurons: unit-norm (or fp32) copies of one block of weight rows at a time, not
+    # of the whole [d_h, D] matrices (2 x 235 MB for a Llama-3-8B layer).
+    for start in range(0, w_gate.shape[0], _NEURON_BLOCK):
+        g = w_gate[start : start + _NEURON_BLOCK].float()
+        u = w_up[start : start + _NEURON_BLOCK].float()
+        if cosine:
+            g, u = F.normalize(g, dim=-1), F.normalize(u, dim=-1)
+        out[:, start : start + g.shape[0]] = act_fn(x @ g.t()) * (x @ u.t())
+    return out
 
 
 def activation_markers(scores: torch.Tensor, k_act: int) -> torch.Tensor:

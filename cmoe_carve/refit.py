@@ -104,8 +104,8 @@ def solve_refit_dual(features: torch.Tensor, targets: torch.Tensor, prior: torch
     residual = targets.double() - (h @ prior.float()).double()
     chol, info = torch.linalg.cholesky_ex(kernel)  # I + PSD: positive definite
     alpha = torch.cholesky_solve(residual, chol) if info.item() == 0 else torch.linalg.solve(kernel, residual)
-    delta = (h.t() @ alpha.float()) / lam.float()[:, None]
-    return prior.float() + delta
+    delta = (h.t() @ alpha.float()).div_(lam.float()[:, None])
+    return delta.add_(prior.float())
 
 
 # Tokens per chunk of the refit's features ([c, E*m] fp32: 2,048 x 1,536 x 4 B = 12.6 MB).
@@ -149,6 +149,8 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
             stats.add(feats, goal)
     if prior is None:
         prior = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t()  # [E*m, D]
+        if prior.data_ptr() == carved.down_proj.data_ptr():  # one expert: a view, not a copy
+            prior = prior.clone()
         if switches:
             prior = torch.cat([prior, carved.expert_bias.float()])
     if dual:

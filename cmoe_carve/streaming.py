@@ -61,14 +61,15 @@ class CheckpointTensors:
         if missing:
             raise ModelError(f"{self.path} has no tensor {missing[0]}: cannot stream this checkpoint "
                              "(use --stream off)")
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.where[name], []).append(name)
         out = {}
-        for file, group in by_file.items():
-            with safe_open(str(self.path / file), framework="pt") as f:
-                for name in group:
-                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        for name in names:
+            # get_tensor maps the whole file and its tensors keep the mapping alive: pages once
+            # touched stay resident while any tensor of that file lives. A copy per tensor, with
+            # the file closed after each, lets a freed layer really leave memory.
+            with safe_open(str(self.path / self.where[name]), framework="pt") as f:
+                mapped = f.get_tensor(name)
+                out[name] = mapped.to(device=device, dtype=dtype, copy=True)
+                del mapped
         return out
 
     def nbytes(self, dtype: torch.dtype) -> int:

@@ -216,8 +216,10 @@ def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
     import cmoe_carve.layer_carve as carve_module
 
     def harmful(carved, x, target, ridge, prior=None):
+        num_experts, dim, m = carved.down_proj.shape
+        old = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t().clone()
         carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like
-        return prior
+        return old  # as refit_down: the weights before, [E*m, D]
 
     reference = tiny_model("llama")
     carve_model(reference, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, refit=False), progress=False)
