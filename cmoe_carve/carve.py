@@ -187,11 +187,6 @@ def gated_mlps_or_error(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return mlps
 
 
-def _layer_of(model: nn.Module, mlp_name: str) -> nn.Module:
-    """The decoder layer holding an MLP: its parent module."""
-    return model.get_submodule(mlp_name.rpartition(".")[0])
-
-
 @dataclass
 class LayerReport:
     name: str
@@ -241,9 +236,9 @@ def carve_model(
     # Names only: a list of the dense MLPs would keep every one alive beside its carved copy.
     names = [name for name, _ in found]
     del found
-    layers = [_layer_of(model, name) for name in names]
+    prefixes = [name.rpartition(".")[0] for name in names]  # each MLP's decoder layer
+    layers = [model.get_submodule(prefix) for prefix in prefixes]
     model.eval()
-    prefixes = [name.rpartition(".")[0] for name in names]
     if layer_io is not None:
         device = layer_io.device
         layer_io.prepare(model, prefixes)
@@ -305,8 +300,7 @@ def carve_model(
             if config.adaptive:
                 layer_costs.append(facts["cost"])
             if layer_io is not None:
-                layer_io.release(prefix, layer)
-                mlp.to("meta")  # the dense MLP read for this layer
+                layer_io.release(prefix, layer)  # the dense MLP went in carve_mlp (free_dense)
             del mlp, carved, carve_fn
             seconds = time.perf_counter() - t0
             reports.append(_layer_report(name, layout, intermediate, facts, seconds))

@@ -120,14 +120,12 @@ def _take(value, start: int, stop: int, n: int):
 
 def run_layer(layer, hidden, args, kwargs, batches) -> torch.Tensor:
     device = next(layer.parameters()).device
-    if len(batches) == 1:
-        return first_output(layer(hidden.to(device), *args, **kwargs))
     n = hidden.shape[0]
     outs = []
     for start, stop in batches:
         a, kw = _take(args, start, stop, n), _take(kwargs, start, stop, n)
         outs.append(first_output(layer(hidden[start:stop].to(device), *a, **kw)))
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)  # one batch: no copy of the output
 
 
 class _CollectInputs(nn.Module):

@@ -25,7 +25,7 @@ from .layer_fit import (
 )
 from .modeling_cmoe import CarvedMLP
 from .profiling import profile_layer
-from .refit import refit_down
+from .refit import refit_down, set_down_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,13 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         # SmolLM2 at S3A3E8 an unguarded refit took perplexity from 36 to 339.
         facts["refit_kept"] = after < before
         if not facts["refit_kept"]:
-            num_experts, dim, m = carved.down_proj.shape
-            old = slices[: num_experts * m].t().reshape(dim, num_experts, m).permute(1, 0, 2)
-            carved.down_proj.copy_(old)
-            carved.drop_caches()
+            set_down_rows(carved, slices)
             log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
                      "kept the slices", name, before, after)
         del slices
     if config.adaptive:
-        few = rows[:: max(1, rows.numel() // BUDGET_TOKENS)].to(x.device)
-        few_held = torch.arange(0, rows.numel(), max(1, rows.numel() // BUDGET_TOKENS))[: few.numel()]
-        facts["cost"] = budget_cost(carved, x[few], dense_held[few_held.to(x.device)], residual[few])
+        every = max(1, rows.numel() // BUDGET_TOKENS)  # a subset of the held-out rows
+        few = rows[::every].to(x.device)
+        facts["cost"] = budget_cost(carved, x[few], dense_held[::every], residual[few])
     facts.update(prof=prof, groups=groups, stats=routing_stats(carved, x, rows, dense_held))
     return carved

@@ -148,9 +148,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
         else:
             stats.add(feats, goal)
     if prior is None:
-        prior = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t()  # [E*m, D]
-        if prior.data_ptr() == carved.down_proj.data_ptr():  # one expert: a view, not a copy
-            prior = prior.clone()
+        prior = down_rows(carved)
         if switches:
             prior = torch.cat([prior, carved.expert_bias.float()])
     if dual:
@@ -158,10 +156,24 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge: float,
         del kept_feats, kept_goals
     else:
         solution = solve_refit(stats, prior, ridge).float()  # [F, D]
-    down = solution[: num_experts * m].t().reshape(dim, num_experts, m).permute(1, 0, 2)
-    carved.down_proj.copy_(down.to(carved.down_proj))
+    set_down_rows(carved, solution[: num_experts * m])
     if switches:
         carved.expert_bias.copy_(solution[num_experts * m :].to(carved.expert_bias))
-    carved.drop_caches()
     return prior
+
+
+def down_rows(carved) -> torch.Tensor:
+    """A copy of the down projections as the refit's rows: [E, D, m] -> [E*m, D] fp32."""
+    num_experts, dim, m = carved.down_proj.shape
+    rows = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t()
+    if rows.data_ptr() == carved.down_proj.data_ptr():  # one expert: a view, not a copy
+        rows = rows.clone()
+    return rows
+
+
+def set_down_rows(carved, rows: torch.Tensor) -> None:
+    """The inverse of `down_rows`: [E*m, D] rows written back as the [E, D, m] down projections."""
+    num_experts, dim, m = carved.down_proj.shape
+    carved.down_proj.copy_(rows.t().reshape(dim, num_experts, m).permute(1, 0, 2).to(carved.down_proj))
+    carved.drop_caches()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torch import nn
 
 from .errors import ModelError
 from .loading import LoadedModel, parse_dtype, resolve_model_path
-from .shards import INDEX_FILE, ShardWriter
+from .shards import INDEX_FILE, SAFETENSORS_DTYPES, ShardWriter
+from .validate import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,6 @@ STREAM_MODES = ("auto", "on", "off")
 # A whole-model carve holds the dense model, one carved layer beside it and the runtime: stream
 # when the weights alone would take more than this share of the memory available.
 _AUTO_SHARE = 0.7
-
-_SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-}
 
 
 class CheckpointTensors:
@@ -53,9 +50,6 @@ class CheckpointTensors:
         if not self.where:
             raise ModelError(f"{self.path} has no safetensors weights to stream: pass a model directory")
 
-    def names(self) -> set[str]:
-        return set(self.where)
-
     def read(self, names: list[str], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.where]
         if missing:
@@ -74,20 +68,16 @@ class CheckpointTensors:
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """What the weights take in memory at `dtype`, from the files' headers only."""
-        item = torch.empty((), dtype=dtype).element_size()
         total = 0
         for file in sorted(set(self.where.values())):
-            with open(self.path / file, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
+            header, _ = safetensors_header(self.path / file)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                numel = 1
-                for dim in info["shape"]:
-                    numel *= dim
-                floating = info["dtype"].startswith(("F", "BF"))
-                total += numel * (item if floating else _SAFETENSORS_DTYPES.get(info["dtype"], 4))
+                stored = SAFETENSORS_DTYPES.get(info["dtype"], torch.float32)
+                # Floating tensors are converted to `dtype` on reading; others keep theirs.
+                held = dtype if stored.is_floating_point else stored
+                total += math.prod(info["shape"]) * held.itemsize
         return total
 
 
@@ -111,11 +101,9 @@ def decide_streaming(mode: str, ref: str | None, dtype: str, device: str) -> tup
     size is not known without downloading it)."""
     if mode not in STREAM_MODES:
         raise ModelError(f"unknown --stream {mode!r}: use one of {', '.join(STREAM_MODES)}")
-    if mode == "off":
-        return False, "--stream off"
-    path, _ = resolve_model_path(ref) if mode == "auto" else (None, None)
-    if mode == "on":
-        return True, "--stream on"
+    if mode != "auto":
+        return mode == "on", f"--stream {mode}"
+    path, _ = resolve_model_path(ref)
     if not Path(path).is_dir():
         return False, "a hub model (pass --stream on to stream it)"
     need = CheckpointTensors(path).nbytes(parse_dtype(dtype))
@@ -152,7 +140,6 @@ class StreamedLayers:
         self.writer = writer
         self.dtype = dtype
         self.device = torch.device(device)
-        self.layer_bytes: list[int] = []
 
     def load(self, prefix: str, layer: nn.Module) -> None:
         names = [f"{prefix}.{key}" for key in layer.state_dict()]
@@ -167,7 +154,6 @@ class StreamedLayers:
         if self.writer is not None:
             for key, tensor in layer.state_dict().items():
                 self.writer.add(f"{prefix}.{key}", tensor)
-        self.layer_bytes.append(sum(t.numel() * t.element_size() for t in layer.state_dict().values()))
         layer.to("meta")  # frees the weights; the module tree stays for the config and report
 
     def prepare(self, model: nn.Module, layer_prefixes: list[str]) -> None:
@@ -184,7 +170,7 @@ class StreamedLayers:
                       for p, _ in m.named_parameters(recurse=False)}
         names = [n for n in model.state_dict() if not n.startswith(inside)]
         self.outside = [n for n in names if not (tied and n in head_names)]
-        wanted = [n for n in self.outside if tied or n not in head_names]
+        wanted = [n for n in self.outside if n not in head_names]  # tied: the embeddings serve
         for name, tensor in self.tensors.read(wanted, self.dtype, self.device).items():
             _assign(model, name, tensor)
         if tied:

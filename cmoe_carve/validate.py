@@ -33,28 +33,38 @@ def read_config(path: Path) -> dict:
     return values
 
 
-def check_safetensors(file: Path) -> None:
-    """The file is a complete safetensors file: a sane header whose tensors all fit in it."""
+_FIX = "restore or re-create the checkpoint (a download or copy may have been cut short)"
+
+
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """(the header of a safetensors file, its length in bytes); ModelError for anything that is
+    not one."""
     size = file.stat().st_size
-    fix = "restore or re-create the checkpoint (a download or copy may have been cut short)"
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise ModelError(f"{file} is empty or truncated ({size} bytes): {fix}")
+            raise ModelError(f"{file} is empty or truncated ({size} bytes): {_FIX}")
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > _MAX_HEADER or 8 + n > size:
-            raise ModelError(f"{file} is not a safetensors file (or is truncated): {fix}")
+            raise ModelError(f"{file} is not a safetensors file (or is truncated): {_FIX}")
         try:
             header = json.loads(handle.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelError(f"{file} is not a safetensors file (unreadable header): {fix}") from None
+            raise ModelError(f"{file} is not a safetensors file (unreadable header): {_FIX}") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{file} is not a safetensors file (unreadable header): {fix}")
+        raise ModelError(f"{file} is not a safetensors file (unreadable header): {_FIX}")
+    return header, n
+
+
+def check_safetensors(file: Path) -> None:
+    """The file is a complete safetensors file: a sane header whose tensors all fit in it."""
+    header, n = safetensors_header(file)
+    size = file.stat().st_size
     ends = [entry["data_offsets"][1] for key, entry in header.items()
             if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
     needed = 8 + n + max(ends, default=0)
     if size < needed:
-        raise ModelError(f"{file} is truncated ({size} of {needed} bytes): {fix}")
+        raise ModelError(f"{file} is truncated ({size} of {needed} bytes): {_FIX}")
 
 
 def check_model_dir(path: str | Path) -> dict:

@@ -8,7 +8,9 @@ import torch
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.errors import ModelError, SpecError
 from cmoe_carve.modeling_cmoe import CarvedMLP
-from cmoe_carve.refit import RefitStats, refit_down, routed_features, solve_refit, solve_refit_dual
+from cmoe_carve.refit import (
+    RefitStats, down_rows, refit_down, routed_features, solve_refit, solve_refit_dual,
+)
 from tiny_models import FAMILIES, calib_ids, tiny_model
 
 
@@ -216,8 +218,7 @@ def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
     import cmoe_carve.layer_carve as carve_module
 
     def harmful(carved, x, target, ridge, prior=None):
-        num_experts, dim, m = carved.down_proj.shape
-        old = carved.down_proj.float().permute(1, 0, 2).reshape(dim, num_experts * m).t().clone()
+        old = down_rows(carved)
         carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like
         return old  # as refit_down: the weights before, [E*m, D]
 
