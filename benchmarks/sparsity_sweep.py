@@ -28,9 +28,10 @@ from cmoe_carve.spec import parse_spec
 OFFICIAL = {"S2A2E16": 1963.4, "S3A3E8": 42.82}
 
 PROFILES = {
-    "default": {},
-    "exportable": dict(adaptive=False, compensate=False),
-    "no refit (previous default)": dict(refit=False, adaptive=True, compensate=True),
+    "default": {},  # also the exportable profile: one k in every layer, no compensation
+    "markers, ridge 0.01 (session-5 default)": dict(grouping="markers", refit_ridge=0.01),
+    "no refit (session-3 default)": dict(grouping="markers", refit=False, adaptive=True,
+                                         compensate=True),
 }
 
 
@@ -43,8 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--specs", default="S1A1E16,S2A2E16,S3A3E16,S4A4E16,S3A3E8")
-    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--specs", default="S1A1E16,S2A2E16,S3A3E16,S4A4E16,S6A6E16,S3A3E8")
+    parser.add_argument("--profiles", default="default", help="comma-separated: " + ", ".join(PROFILES))
     parser.add_argument("--finetuned", nargs="*", default=[], help="SPEC=PPL points to add")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/sparsity_sweep"))
     args = parser.parse_args()

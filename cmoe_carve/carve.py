@@ -84,7 +84,7 @@ class CarveConfig:
         },
     )
     grouping: str = field(
-        default="markers",
+        default="contribution",
         metadata={
             "help": "markers: CMoE's binary top-K_a markers and activation rates; contribution: "
             "|h_i| * ||W_down[:, i]|| per token, shared experts by mean contribution"
@@ -106,9 +106,12 @@ class CarveConfig:
             "earlier ones' errors)"
         },
     )
-    refit_ridge: float = field(
-        default=1e-2,
-        metadata={"help": "ridge of the refit toward the carved weights, relative per neuron"},
+    refit_ridge: float | None = field(
+        default=None,
+        metadata={
+            "help": "ridge of the refit toward the carved weights, relative per neuron; None: "
+            "chosen per layer on held-out calibration tokens among refit.RIDGE_CHOICES"
+        },
     )
 
     neuron_keep: float = field(
@@ -141,7 +144,7 @@ class CarveConfig:
             raise SpecError(
                 f"unknown --refit-target {self.refit_target!r}: use one of {', '.join(REFIT_TARGETS)}"
             )
-        if self.refit_ridge <= 0:
+        if self.refit_ridge is not None and self.refit_ridge <= 0:
             raise SpecError(f"--refit-ridge must be positive, got {self.refit_ridge}")
         if self.router not in ROUTERS:
             raise SpecError(f"unknown --router {self.router!r}: use one of {', '.join(ROUTERS)}")
@@ -204,6 +207,7 @@ class LayerReport:
     energy_reproduced: float  # 1 - reconstruction_error: share of the dense output's energy kept
     oracle_agreement: float  # share of the norm-oracle's top-k experts the router picks
     refit_kept: bool | None  # the refit lowered the held-out error and was kept (None: no refit)
+    refit_ridge: float | None  # the ridge of the kept refit (None: slices kept, or no refit)
     kmeans_iterations: int
     kmeans_converged: bool
     seconds: float
@@ -360,6 +364,7 @@ def _layer_report(name, layout, intermediate, facts, seconds) -> LayerReport:
         energy_reproduced=1.0 - rel_err,
         oracle_agreement=agreement,
         refit_kept=facts.get("refit_kept"),
+        refit_ridge=facts.get("refit_ridge"),
         kmeans_iterations=groups.iterations,
         kmeans_converged=groups.converged,
         seconds=seconds,

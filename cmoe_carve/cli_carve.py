@@ -36,9 +36,9 @@ def carve_command(
         "representative (CMoE's representative-neuron router).",
     ),
     grouping: str = typer.Option(
-        "markers",
-        help="markers (CMoE: binary top-K_a markers, shared by activation rate) or contribution "
-        "(|h| * ||down column|| per token, shared by mean contribution).",
+        "contribution",
+        help="contribution (|h| * ||down column|| per token, shared by mean contribution) or "
+        "markers (CMoE: binary top-K_a markers, shared by activation rate; K_a is --k-act).",
     ),
     compensate: Optional[bool] = typer.Option(
         None,
@@ -61,7 +61,11 @@ def carve_command(
         help="What the refit reproduces: stream (the dense model's own hidden states after each "
         "layer) or ffn (the dense FFN on the carved model's stream).",
     ),
-    refit_ridge: float = typer.Option(1e-2, help="Ridge of the refit toward the carved weights."),
+    refit_ridge: str = typer.Option(
+        "auto",
+        help="Ridge of the refit toward the carved weights: a positive number, or auto (chosen "
+        "per layer on held-out calibration tokens among 0.01-1).",
+    ),
     exportable: bool = typer.Option(
         False,
         help="Carve exactly what `cmoe export` can express: one number of active experts in "
@@ -117,7 +121,7 @@ def carve_command(
         balance=balance,
         refit=refit,
         refit_target=refit_target,
-        refit_ridge=refit_ridge,
+        refit_ridge=_ridge(refit_ridge),
         neuron_keep=neuron_keep,
         shared_neuron_keep=shared_neuron_keep,
     )
@@ -139,6 +143,17 @@ def carve_command(
         shard_bytes=_shard_bytes(shard_size),
     )
     typer.echo(f"carved checkpoint written to {path}")
+
+
+def _ridge(text: str) -> float | None:
+    from .errors import SpecError
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(f"--refit-ridge must be auto or a positive number, got {text!r}") from None
 
 
 def _shard_bytes(gib: float) -> int:

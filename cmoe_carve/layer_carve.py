@@ -22,10 +22,11 @@ from .layer_fit import (
     held_out_rows,
     routing_stats,
     selection_scores,
+    shared_hidden,
 )
 from .modeling_cmoe import CarvedMLP
 from .profiling import profile_layer
-from .refit import refit_down, set_down_rows
+from .refit import CHUNK as REFIT_CHUNK, RIDGE_CHOICES, refit_down, set_down_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     )
     if free_dense:
         dense.to("meta")
-    hidden = None
+    # Every expert's hidden activations on the fit tokens, once for the fits below (None: too
+    # large to keep; each fit then computes its own).
+    needs = config.router == "fitted" or config.compensate or config.refit
+    hidden = shared_hidden(carved, x[fit_rows], REFIT_CHUNK) if needs else None
     if config.router == "fitted":
-        hidden = fit_router(carved, x[fit_rows], config.ridge)
+        fit_router(carved, x[fit_rows], config.ridge, hidden)
     if config.balance:
         sample = x[:: max(1, x.shape[0] // 4096)]
         carved.router.bias.copy_(
@@ -89,9 +93,9 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         # Every other fit row: half the tokens give the same means within noise.
         # Chunks hold an even number of rows, so slicing each keeps global order
         # without concatenating the kept activations into one more copy.
-        kept = [h[::2] for h in hidden] if hidden else None
+        s = carved.num_shared
+        kept = [h[::2, s:] for h in hidden] if hidden is not None else None
         fit_compensation(carved, x[fit_rows[::2]], kept)
-    del hidden
     if config.refit:
         xs = x[fit_rows]
         if stream_goal is None:
@@ -99,18 +103,33 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         else:
             target, t_held = stream_goal(fit_rows), stream_goal(held)
         x_held = x[held]
-        before = (carved(x_held).float() - t_held).pow(2).sum().item()
-        slices = refit_down(carved, xs, target, config.refit_ridge)  # [E*m, D]: the old weights
-        after = (carved(x_held).float() - t_held).pow(2).sum().item()
-        # Held-out tokens decide: they include every window's first token (rows
-        # 0 mod 8), whose outsized activations the fit rows never contain. On
-        # SmolLM2 at S3A3E8 an unguarded refit took perplexity from 36 to 339.
-        facts["refit_kept"] = after < before
-        if not facts["refit_kept"]:
-            set_down_rows(carved, slices)
-            log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
-                     "kept the slices", name, before, after)
+        # Each held-out token's error relative to the stream it joins: the next norm divides
+        # by that stream's size, and the raw sum of squares would be ruled by the few tokens
+        # with outsized activations (every window's first).
+        weight = 1.0 / residual[held].float().pow(2).sum(1, keepdim=True).clamp_min(1e-30)
+
+        def held_error() -> float:
+            return ((carved(x_held).float() - t_held).pow(2) * weight).sum().item()
+
+        # Held-out tokens decide (the guard): they include every window's first token (rows
+        # 0 mod 8), whose outsized activations the fit rows never contain. On SmolLM2 at
+        # S3A3E8 an unguarded refit took perplexity from 36 to 339. With the ridge on auto they
+        # also choose it, among RIDGE_CHOICES, per layer.
+        before = held_error()
+        ridges = RIDGE_CHOICES if config.refit_ridge is None else config.refit_ridge
+        slices, ridge = refit_down(carved, xs, target, ridges, score=held_error,
+                                   hidden=hidden)
+        if config.refit_ridge is not None:
+            after = held_error()
+            if after >= before:
+                set_down_rows(carved, slices)
+                ridge = None
+                log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
+                         "kept the slices", name, before, after)
+        facts["refit_kept"] = ridge is not None
+        facts["refit_ridge"] = ridge
         del slices
+    del hidden
     if config.adaptive:
         every = max(1, rows.numel() // BUDGET_TOKENS)  # a subset of the held-out rows
         few = rows[::every].to(x.device)

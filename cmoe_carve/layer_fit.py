@@ -10,6 +10,7 @@ from .budget import error_by_active_experts
 from .modeling_cmoe import CarvedMLP
 from .router_fit import (
     down_grams,
+    expert_hidden,
     expert_output_norms,
     expert_outputs,
     fit_linear_router,
@@ -53,31 +54,37 @@ def _routed_hidden(carved: CarvedMLP, x: torch.Tensor):
     return hidden_chunks(x, carved.gate_up_proj[carved.num_shared :], carved.act_fn)
 
 
-# Routed hidden activations up to this size are kept between the router fit and the
-# compensation, which both need them (8,192 x 1,344 x 4 B = 44 MB for SmolLM2); larger ones
-# are recomputed.
+# Expert hidden activations up to this size are computed once and shared by the router fit, the
+# compensation and the refit, which all need them on the fit tokens (14,336 x 16 x 96 x 4 B =
+# 88 MB for SmolLM2); larger ones are recomputed by each.
 _KEEP_HIDDEN_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
-def fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float):
+def shared_hidden(carved: CarvedMLP, x: torch.Tensor, chunk: int):
+    """Every expert's hidden activations on x in chunks of `chunk` rows ([c, E, m] fp32 each),
+    or None when they would take more than _KEEP_HIDDEN_BYTES."""
+    num_experts, two_m, _ = carved.gate_up_proj.shape
+    if x.shape[0] * num_experts * (two_m // 2) * 4 > _KEEP_HIDDEN_BYTES:
+        return None
+    return [expert_hidden(x[i : i + chunk], carved.gate_up_proj, carved.act_fn)
+            for i in range(0, x.shape[0], chunk)]
+
+
+@torch.no_grad()
+def fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float, hidden=None) -> None:
     """Replace the representative-neuron router by one regressed on expert output norms.
-    Returns the routed hidden activations on x when small enough to keep, else None."""
+    hidden: `shared_hidden` of x, when there (else computed chunk by chunk)."""
     s = carved.num_shared
-    keep = x.shape[0] * carved.num_routed * carved.down_proj.shape[-1] * 4 <= _KEEP_HIDDEN_BYTES
     grams = down_grams(carved.down_proj[s:])
-    hidden, norms = [], []
-    for h in _routed_hidden(carved, x):
-        norms.append(norms_from_hidden(h, grams))
-        if keep:
-            hidden.append(h)
+    chunks = (h[:, s:] for h in hidden) if hidden is not None else _routed_hidden(carved, x)
+    norms = [norms_from_hidden(h, grams) for h in chunks]
     weight, intercept = fit_linear_router(x, standardize_rows(torch.cat(norms)), ridge)
     router = carved.router
     router.kind = "linear"
     router.gate_weight.copy_(weight)
     router.up_weight.zero_()  # unused by a linear router
     router.logit_bias.copy_(intercept)
-    return hidden or None
 
 
 @torch.no_grad()

@@ -164,6 +164,46 @@ def test_refit_ridge_pulls_toward_the_slices():
     assert moved[1e2] < 0.05 * moved[1e-4]
 
 
+def test_several_ridges_keep_the_solution_that_scores_best():
+    carved, x = _carved_layer(False)
+    gen = torch.Generator().manual_seed(6)
+    target = torch.randn(x.shape[0], carved.hidden_size, generator=gen)
+    fit, held = slice(0, x.shape[0] // 2), slice(x.shape[0] // 2, None)
+
+    def held_error(layer):
+        return lambda: (layer(x[held]).float() - target[held]).pow(2).sum().item()
+
+    scores, weights = {}, {}
+    for ridge in (1e-3, 1e-1, 1e1):
+        layer = copy.deepcopy(carved)
+        refit_down(layer, x[fit], target[fit], ridge)
+        scores[ridge], weights[ridge] = held_error(layer)(), layer.down_proj.detach().clone()
+    layer = copy.deepcopy(carved)
+    _, chosen = refit_down(layer, x[fit], target[fit], tuple(scores), score=held_error(layer))
+    assert chosen == min(scores, key=scores.get)
+    torch.testing.assert_close(layer.down_proj.detach(), weights[chosen])
+
+    # A score no solution improves on: the prior (the slices) stays, exactly.
+    layer = copy.deepcopy(carved)
+    original = layer.down_proj.detach().clone()
+    moved = lambda: (layer.down_proj - original).abs().sum().item()  # noqa: E731
+    _, chosen = refit_down(layer, x[fit], target[fit], tuple(scores), score=moved)
+    assert chosen is None
+    assert torch.equal(layer.down_proj.detach(), original)
+    with pytest.raises(ValueError, match="score"):
+        refit_down(layer, x[fit], target[fit], (0.1, 1.0))
+
+
+def test_the_default_ridge_is_chosen_per_layer_from_the_choices():
+    from cmoe_carve.refit import RIDGE_CHOICES
+
+    result = carve_model(tiny_model("llama"), calib_ids(), CarveConfig(spec="S2A2E8", k_act=5),
+                         progress=False)
+    for layer in result.layers:
+        assert layer.refit_kept == (layer.refit_ridge is not None)
+        assert layer.refit_ridge is None or layer.refit_ridge in RIDGE_CHOICES
+
+
 @pytest.mark.parametrize("target", ["ffn", "stream"])
 def test_refit_lowers_the_held_out_error_of_a_carve(target):
     # Held-out calibration rows, as the carve report measures them: the refit must reproduce the
@@ -217,19 +257,41 @@ def test_refit_options_are_validated():
 def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
     import cmoe_carve.layer_carve as carve_module
 
-    def harmful(carved, x, target, ridge, prior=None):
+    def harmful(carved, x, target, ridge, prior=None, score=None, hidden=None):
         old = down_rows(carved)
         carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like
-        return old  # as refit_down: the weights before, [E*m, D]
+        return old, ridge  # as refit_down: the weights before, [E*m, D], and the ridge
 
     reference = tiny_model("llama")
     carve_model(reference, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, refit=False), progress=False)
     monkeypatch.setattr(carve_module, "refit_down", harmful)
     model = tiny_model("llama")
-    result = carve_model(model, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5), progress=False)
+    config = CarveConfig(spec="S2A2E8", k_act=5, refit_ridge=0.1)  # one ridge: no choosing
+    result = carve_model(model, calib_ids(), config, progress=False)
     assert [r.refit_kept for r in result.layers] == [False, False]
+    assert [r.refit_ridge for r in result.layers] == [None, None]
     for ours, theirs in zip(
         (m for m in model.modules() if isinstance(m, CarvedMLP)),
         (m for m in reference.modules() if isinstance(m, CarvedMLP)),
     ):
         assert torch.equal(ours.down_proj, theirs.down_proj)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_shared_hidden_activations_carve_what_recomputing_them_carves(monkeypatch, compensate):
+    # The router fit, the compensation and the refit share one computation of the experts'
+    # hidden activations when it is small enough; above the limit each recomputes its own.
+    import cmoe_carve.layer_fit as layer_fit
+
+    def carve(limit):
+        monkeypatch.setattr(layer_fit, "_KEEP_HIDDEN_BYTES", limit)
+        model = tiny_model("llama")
+        config = CarveConfig(spec="S1A2E8", k_act=5, compensate=compensate)
+        carve_model(model, calib_ids(), config, progress=False)
+        return [m for m in model.modules() if isinstance(m, CarvedMLP)]
+
+    shared, recomputed = carve(2**40), carve(0)
+    for a, b in zip(shared, recomputed):
+        for name in ("down_proj", "expert_bias"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.router.gate_weight, b.router.gate_weight, rtol=1e-5, atol=1e-6)
