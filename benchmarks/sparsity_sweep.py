@@ -114,7 +114,7 @@ def plot(record: dict, path: Path) -> None:
         ax.plot(*zip(*pts), marker="x", ls=":", label="official CMoE code (32 windows)")
     if record["finetuned"]:
         pts = sorted((active_fraction(s), p) for s, p in record["finetuned"].items())
-        ax.plot(*zip(*pts), marker="s", ls="", label="carved + finetune --distill")
+        ax.plot(*zip(*pts), marker="s", ls="", label="carved + finetune --distill (32 windows)")
     ax.set_yscale("log")
     ax.set_xlabel("active FFN fraction")
     ax.set_ylabel("WikiText-2 perplexity")

@@ -55,6 +55,7 @@ def finetune_command(
     teacher: Optional[str] = typer.Option(None, help=_h("teacher"), show_default=False),
     temperature: float = typer.Option(1.0, help=_h("temperature")),
     distill_hidden: float = typer.Option(0.0, help=_h("distill_hidden")),
+    distill_ce: Optional[float] = typer.Option(None, help=_h("distill_ce"), show_default=False),
     neuron_keep: Optional[float] = typer.Option(None, help=_h("neuron_keep"), show_default=False),
     shared_neuron_keep: Optional[float] = typer.Option(
         None, help=_h("shared_neuron_keep"), show_default=False
@@ -74,7 +75,7 @@ def finetune_command(
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         save_every=save_every, distill=distill, teacher=teacher, temperature=temperature,
-        distill_hidden=distill_hidden, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
+        distill_hidden=distill_hidden, distill_ce=distill_ce, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
     )
     result = finetune(
         carved, out, config, data_dir=data_dir, resume=resume, overwrite=overwrite, cpu=cpu,

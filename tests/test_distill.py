@@ -81,15 +81,24 @@ def test_distillation_moves_the_student_toward_the_teacher(pair):
 def test_the_first_distillation_loss_is_the_kl_to_the_teacher(pair):
     # Step 1 sees the untrained student: its loss must be the KL divergence from the teacher on
     # that window (plus, with --distill-hidden, the positive hidden-state term).
-    plain = _run(pair, "ft_plain", samples=1)["losses"][0]
-    with_hidden = _run(pair, "ft_hidden", samples=1, distill_hidden=1.0)["losses"][0]
+    plain = _run(pair, "ft_plain", samples=1, distill_ce=0.0)["losses"][0]
+    with_hidden = _run(pair, "ft_hidden", samples=1, distill_hidden=1.0, distill_ce=0.0)["losses"][0]
     from cmoe_carve.data import calibration_windows, resolve_text
 
     source = resolve_text(str(pair / "train.txt"), purpose="calibration")
     window = calibration_windows(byte_tokenizer(), source, 1, 16, 0)
-    expected = _kl_to(pair / "dense", load_carved(pair / "carved"), window)
+    student = load_carved(pair / "carved")
+    expected = _kl_to(pair / "dense", student, window)
     assert plain == pytest.approx(expected, rel=1e-3)
     assert with_hidden > plain + 1e-3
+    # --distill-ce adds that weight times the student's own next-token loss on the window
+    # (1 unless told).
+    with_ce = _run(pair, "ft_ce", samples=1, distill_ce=0.5)["losses"][0]
+    default = _run(pair, "ft_default", samples=1)["losses"][0]
+    with torch.no_grad():
+        ce = student(window, labels=window).loss.item()
+    assert with_ce == pytest.approx(expected + 0.5 * ce, rel=1e-3)
+    assert default == pytest.approx(expected + ce, rel=1e-3)
 
 
 def test_teacher_comes_from_the_carve_report_or_is_asked_for(pair, tmp_path):
@@ -110,5 +119,9 @@ def test_a_carved_teacher_is_refused(pair):
 def test_distill_options_need_distill():
     with pytest.raises(FinetuneError, match="need --distill"):
         FinetuneConfig(teacher="x")
+    with pytest.raises(FinetuneError, match="need --distill"):
+        FinetuneConfig(distill_ce=1.0)
+    with pytest.raises(FinetuneError, match="--distill-ce"):
+        FinetuneConfig(distill=True, distill_ce=-1.0)
     with pytest.raises(FinetuneError, match="--temperature"):
         FinetuneConfig(distill=True, temperature=0.0)
