@@ -144,7 +144,7 @@ class CarveConfig:
             raise SpecError(
                 f"unknown --refit-target {self.refit_target!r}: use one of {', '.join(REFIT_TARGETS)}"
             )
-        if self.refit_ridge is not None and self.refit_ridge <= 0:
+        if self.refit_ridge is not None and not self.refit_ridge > 0:  # nan too
             raise SpecError(f"--refit-ridge must be positive, got {self.refit_ridge}")
         if self.router not in ROUTERS:
             raise SpecError(f"unknown --router {self.router!r}: use one of {', '.join(ROUTERS)}")

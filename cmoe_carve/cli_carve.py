@@ -64,7 +64,7 @@ def carve_command(
     refit_ridge: str = typer.Option(
         "auto",
         help="Ridge of the refit toward the carved weights: a positive number, or auto (chosen "
-        "per layer on held-out calibration tokens among 0.01-1).",
+        "per layer on held-out calibration tokens among 0.01-0.3).",
     ),
     exportable: bool = typer.Option(
         False,

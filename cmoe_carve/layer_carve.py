@@ -26,7 +26,7 @@ from .layer_fit import (
 )
 from .modeling_cmoe import CarvedMLP
 from .profiling import profile_layer
-from .refit import CHUNK as REFIT_CHUNK, RIDGE_CHOICES, refit_down, set_down_rows
+from .refit import CHUNK as REFIT_CHUNK, RIDGE_CHOICES, refit_down
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,11 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     fit_rows = torch.nonzero(fit).squeeze(1).to(x.device)
     fit_rows = fit_rows[:: max(1, fit_rows.numel() // FIT_TOKENS)]
     held = rows.to(x.device)
+    x_fit, x_held = x[fit_rows], x[held]
     # The dense FFN's outputs that the fits and the report compare with, made before the dense
     # weights can go (streaming frees them once the carved copy exists).
-    dense_held = dense(x[held]).float()
-    dense_fit = dense(x[fit_rows]).float() if config.refit and stream_goal is None else None
+    dense_held = dense(x_held).float()
+    dense_fit = dense(x_fit).float() if config.refit and stream_goal is None else None
     carved = build_carved_mlp(
         dense, groups, config.layout.num_shared, config.layout.top_k, act_name,
         config.cosine_scores,
@@ -81,9 +82,9 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     # Every expert's hidden activations on the fit tokens, once for the fits below (None: too
     # large to keep; each fit then computes its own).
     needs = config.router == "fitted" or config.compensate or config.refit
-    hidden = shared_hidden(carved, x[fit_rows], REFIT_CHUNK) if needs else None
+    hidden = shared_hidden(carved, x_fit, REFIT_CHUNK) if needs else None
     if config.router == "fitted":
-        fit_router(carved, x[fit_rows], config.ridge, hidden)
+        fit_router(carved, x_fit, config.ridge, hidden)
     if config.balance:
         sample = x[:: max(1, x.shape[0] // 4096)]
         carved.router.bias.copy_(
@@ -95,14 +96,12 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         # without concatenating the kept activations into one more copy.
         s = carved.num_shared
         kept = [h[::2, s:] for h in hidden] if hidden is not None else None
-        fit_compensation(carved, x[fit_rows[::2]], kept)
+        fit_compensation(carved, x_fit[::2], kept)
     if config.refit:
-        xs = x[fit_rows]
         if stream_goal is None:
             target, t_held = dense_fit, dense_held
         else:
             target, t_held = stream_goal(fit_rows), stream_goal(held)
-        x_held = x[held]
         # Each held-out token's error relative to the stream it joins: the next norm divides
         # by that stream's size, and the raw sum of squares would be ruled by the few tokens
         # with outsized activations (every window's first).
@@ -115,20 +114,12 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         # 0 mod 8), whose outsized activations the fit rows never contain. On SmolLM2 at
         # S3A3E8 an unguarded refit took perplexity from 36 to 339. With the ridge on auto they
         # also choose it, among RIDGE_CHOICES, per layer.
-        before = held_error()
-        ridges = RIDGE_CHOICES if config.refit_ridge is None else config.refit_ridge
-        slices, ridge = refit_down(carved, xs, target, ridges, score=held_error,
-                                   hidden=hidden)
-        if config.refit_ridge is not None:
-            after = held_error()
-            if after >= before:
-                set_down_rows(carved, slices)
-                ridge = None
-                log.info("%s: the refit raised the held-out error (%.4g -> %.4g): "
-                         "kept the slices", name, before, after)
+        ridges = RIDGE_CHOICES if config.refit_ridge is None else (config.refit_ridge,)
+        _, ridge = refit_down(carved, x_fit, target, ridges, score=held_error, hidden=hidden)
+        if ridge is None:
+            log.info("%s: no refit lowered the held-out error: kept the slices", name)
         facts["refit_kept"] = ridge is not None
         facts["refit_ridge"] = ridge
-        del slices
     del hidden
     if config.adaptive:
         every = max(1, rows.numel() // BUDGET_TOKENS)  # a subset of the held-out rows

@@ -128,9 +128,10 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
     (default: the current weights). Returns (prior, ridge used). hidden: every expert's hidden
     activations on x in chunks of CHUNK rows, when the caller has them (else computed here).
 
-    `ridge` is one value or several: with several, `score()` (lower is better, e.g. the error
-    on held-out tokens) is measured after each solve and before any, and the best of the
-    solutions and the weights as they came stays (ridge None: those won).
+    `ridge` is one value or several (several need `score`). With `score()` (lower is better,
+    e.g. the error on held-out tokens), it is measured before any solve and after each, and the
+    best of the solutions and the weights as they came stays (ridge None: those won), so one
+    ridge with a score is a guarded refit.
 
     A carved FFN with compensation keeps its left-out biases as fixed offsets (subtracted from
     the targets), unless `fit_compensation` fits them jointly as the switches' weights. Joint
@@ -179,7 +180,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
         if switches:
             carved.expert_bias.copy_(solution[num_experts * m :].to(carved.expert_bias))
 
-    if len(ridges) == 1:
+    if score is None:  # one ridge, nothing to compare with
         install(solve(ridges[0]))
         return prior, ridges[0]
     entry = down_rows(carved)  # what `score()` first measures (the prior unless one was given)

@@ -103,6 +103,10 @@ CASES = [
      ["--stream on", "--device-map"]),
     ("carve-bad-shard-size", CARVE + ["--stream", "on", "--shard-size", "0"], "dense", [],
      ["--shard-size"]),
+    ("carve-bad-refit-ridge", CARVE + ["--refit-ridge", "strong"], "dense", [],
+     ["--refit-ridge", "auto"]),
+    ("carve-nan-refit-ridge", CARVE + ["--refit-ridge", "nan"], "dense", [],
+     ["--refit-ridge must be positive"]),
     # eval: dense or carved
     ("eval-truncated-weights", EVAL, "carved", [("carved/" + W, "truncate")], ["truncated"]),
     ("eval-broken-config", EVAL, "dense", [("dense/config.json", "badjson")], ["not valid JSON"]),

@@ -255,16 +255,16 @@ def test_refit_options_are_validated():
 
 
 def test_a_refit_that_raises_the_held_out_error_is_undone(monkeypatch):
-    import cmoe_carve.layer_carve as carve_module
+    import cmoe_carve.refit as refit_module
 
-    def harmful(carved, x, target, ridge, prior=None, score=None, hidden=None):
-        old = down_rows(carved)
-        carved.down_proj.mul_(30.0)  # what a refit that does not generalise looks like
-        return old, ridge  # as refit_down: the weights before, [E*m, D], and the ridge
+    def harmful(*args):
+        prior = args[-2]  # (stats or features, targets,) prior, ridge
+        return prior.float() * 30.0  # what a refit that does not generalise looks like
 
     reference = tiny_model("llama")
     carve_model(reference, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, refit=False), progress=False)
-    monkeypatch.setattr(carve_module, "refit_down", harmful)
+    monkeypatch.setattr(refit_module, "solve_refit", harmful)
+    monkeypatch.setattr(refit_module, "solve_refit_dual", harmful)
     model = tiny_model("llama")
     config = CarveConfig(spec="S2A2E8", k_act=5, refit_ridge=0.1)  # one ridge: no choosing
     result = carve_model(model, calib_ids(), config, progress=False)
