@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["lora", "router", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["constant", "cosine", "linear"]
+TeacherDtype = Literal["auto", "bf16", "fp32"]
 
 # LoRA targets. Attention projections by module name (the same in every supported family:
 # Llama, Mistral, Qwen2/3, Gemma 2/3); expert weights by parameter name inside each CarvedMLP.
@@ -143,6 +144,11 @@ class FinetuneConfig:
         metadata={"help": "the dense teacher for --distill (hub id, directory or .gguf); "
                   "default: the model the checkpoint was carved from"},
     )
+    teacher_dtype: TeacherDtype = field(
+        default="auto",
+        metadata={"help": "weights of the --distill teacher, which only runs forward: auto (bf16 "
+                  "where the hardware multiplies bf16, else fp32), bf16, fp32"},
+    )
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of --distill"})
     distill_hidden: float = field(
         default=0.0,
@@ -169,6 +175,7 @@ class FinetuneConfig:
         _choice(self.mode, Mode, "--mode")
         _choice(self.precision, Precision, "--precision")
         _choice(self.schedule, Schedule, "--schedule")
+        _choice(self.teacher_dtype, TeacherDtype, "--teacher-dtype")
         positive = {
             "--samples": self.samples, "--epochs": self.epochs, "--batch-size": self.batch_size,
             "--grad-accum": self.grad_accum, "--lora-rank": self.lora_rank,
@@ -218,9 +225,11 @@ class FinetuneConfig:
             raise FinetuneError(f"--distill-ce must be 0 or more, got {self.distill_ce}")
         if not self.distill and (
             self.teacher is not None or self.distill_hidden > 0 or self.distill_ce
+            or self.teacher_dtype != "auto"
         ):
             raise FinetuneError(
-                "--teacher, --distill-hidden and --distill-ce need --distill: add it or drop them"
+                "--teacher, --teacher-dtype, --distill-hidden and --distill-ce need --distill: "
+                "add it or drop them"
             )
         if self.distill_ce is None:
             # With the teacher's logits alone, SmolLM2's S2A2E16 carve reached 57.10 on
@@ -565,9 +574,17 @@ class _Run:
         mlps = carved_mlps(model)
         teacher = None
         if config.distill:
-            from .distill import check_same_vocabulary, load_teacher, teacher_reference
+            from .distill import (
+                check_same_vocabulary,
+                load_teacher,
+                resolve_teacher_dtype,
+                teacher_reference,
+            )
 
-            teacher = load_teacher(config.teacher or teacher_reference(carved_dir), accelerator.device)
+            teacher = load_teacher(
+                config.teacher or teacher_reference(carved_dir), accelerator.device,
+                resolve_teacher_dtype(config.teacher_dtype, accelerator.device),
+            )
             check_same_vocabulary(model, teacher)
         model, optimizer = accelerator.prepare(model, optimizer)
         identity = {
@@ -657,17 +674,14 @@ class _Run:
         --distill the KL divergence from the teacher (plus the hidden-state term)."""
         if self.teacher is None:
             return self.model(input_ids=ids, labels=ids, use_cache=False).loss
-        from .distill import hidden_mse, kd_loss
+        from .distill import distill_loss, hidden_mse
 
         hidden = self.config.distill_hidden > 0
         with torch.no_grad():
             ref = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        ce = self.config.distill_ce > 0
-        out = self.model(input_ids=ids, labels=ids if ce else None, use_cache=False,
-                         output_hidden_states=hidden)
-        loss = kd_loss(out.logits, ref.logits, self.config.temperature)
-        if ce:
-            loss = loss + self.config.distill_ce * out.loss
+        out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        loss = distill_loss(out.logits, ref.logits, ids, self.config.temperature,
+                            self.config.distill_ce)
         if hidden:
             loss = loss + self.config.distill_hidden * hidden_mse(out.hidden_states, ref.hidden_states)
         return loss

@@ -10,7 +10,8 @@ import torch
 
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.checkpoint import REPORT_FILE, load_carved, save_carved
-from cmoe_carve.distill import hidden_mse, kd_loss, teacher_reference
+from cmoe_carve import distill
+from cmoe_carve.distill import distill_loss, hidden_mse, kd_loss, resolve_teacher_dtype, teacher_reference
 from cmoe_carve.errors import ModelError
 from cmoe_carve.finetune import FinetuneConfig, FinetuneError, finetune
 from test_finetune import TEXT
@@ -29,6 +30,52 @@ def test_kd_loss_is_the_token_mean_kl_divergence():
     assert kd_loss(teacher, teacher).abs() < 1e-6
     # Shifting logits by a constant changes no distribution.
     assert kd_loss(teacher + 3.0, teacher).abs() < 1e-5
+
+
+def _autograd_reference(student, teacher, ids, t, ce_weight):
+    """kd_loss plus transformers' causal-LM cross-entropy (shifted), by plain autograd."""
+    loss = kd_loss(student, teacher, t)
+    if ce_weight:
+        v = student.shape[-1]
+        ce = torch.nn.functional.cross_entropy(
+            student[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1)
+        )
+        loss = loss + ce_weight * ce
+    return loss
+
+
+@pytest.mark.parametrize("t,ce_weight", [(1.0, 0.0), (1.0, 1.0), (2.0, 0.5)])
+def test_fused_distill_loss_matches_autograd_in_value_and_gradient(monkeypatch, t, ce_weight):
+    # Chunks smaller than the rows, and rows not a multiple of them, so chunk edges are crossed.
+    monkeypatch.setattr(distill, "LOSS_CHUNK_ROWS", 4)
+    gen = torch.Generator().manual_seed(1)
+    teacher = 3 * torch.randn(2, 7, 13, generator=gen)
+    ids = torch.randint(0, 13, (2, 7), generator=gen)
+    student = (3 * torch.randn(2, 7, 13, generator=gen)).requires_grad_(True)
+    reference = student.detach().clone().requires_grad_(True)
+    fused = distill_loss(student, teacher, ids, t, ce_weight)
+    expected = _autograd_reference(reference, teacher, ids, t, ce_weight)
+    torch.testing.assert_close(fused, expected)
+    (2.5 * fused).backward()
+    (2.5 * expected).backward()
+    torch.testing.assert_close(student.grad, reference.grad)
+
+
+def test_teacher_dtype_follows_the_choice_and_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_teacher_dtype("fp32", cpu) == "float32"
+    assert resolve_teacher_dtype("bf16", cpu) == "bfloat16"
+    monkeypatch.setattr(distill, "native_bf16", lambda device: False)
+    assert resolve_teacher_dtype("auto", cpu) == "float32"
+    monkeypatch.setattr(distill, "native_bf16", lambda device: True)
+    assert resolve_teacher_dtype("auto", cpu) == "bfloat16"
+
+
+def test_teacher_dtype_needs_distill():
+    with pytest.raises(FinetuneError, match="--teacher-dtype"):
+        FinetuneConfig(teacher_dtype="bf16")
+    with pytest.raises(FinetuneError, match="--teacher-dtype"):
+        FinetuneConfig(distill=True, teacher_dtype="fp16")
 
 
 def test_hidden_mse_skips_embeddings_and_is_relative_per_layer():
@@ -80,9 +127,11 @@ def test_distillation_moves_the_student_toward_the_teacher(pair):
 
 def test_the_first_distillation_loss_is_the_kl_to_the_teacher(pair):
     # Step 1 sees the untrained student: its loss must be the KL divergence from the teacher on
-    # that window (plus, with --distill-hidden, the positive hidden-state term).
-    plain = _run(pair, "ft_plain", samples=1, distill_ce=0.0)["losses"][0]
-    with_hidden = _run(pair, "ft_hidden", samples=1, distill_hidden=1.0, distill_ce=0.0)["losses"][0]
+    # that window (plus, with --distill-hidden, the positive hidden-state term). The teacher in
+    # fp32, as the reference computes it (auto may choose bf16 on this CPU).
+    exact = dict(samples=1, teacher_dtype="fp32")
+    plain = _run(pair, "ft_plain", distill_ce=0.0, **exact)["losses"][0]
+    with_hidden = _run(pair, "ft_hidden", distill_hidden=1.0, distill_ce=0.0, **exact)["losses"][0]
     from cmoe_carve.data import calibration_windows, resolve_text
 
     source = resolve_text(str(pair / "train.txt"), purpose="calibration")
@@ -93,8 +142,8 @@ def test_the_first_distillation_loss_is_the_kl_to_the_teacher(pair):
     assert with_hidden > plain + 1e-3
     # --distill-ce adds that weight times the student's own next-token loss on the window
     # (1 unless told).
-    with_ce = _run(pair, "ft_ce", samples=1, distill_ce=0.5)["losses"][0]
-    default = _run(pair, "ft_default", samples=1)["losses"][0]
+    with_ce = _run(pair, "ft_ce", distill_ce=0.5, **exact)["losses"][0]
+    default = _run(pair, "ft_default", **exact)["losses"][0]
     with torch.no_grad():
         ce = student(window, labels=window).loss.item()
     assert with_ce == pytest.approx(expected + 0.5 * ce, rel=1e-3)
