@@ -31,7 +31,7 @@ def finetune_command(
     seed: int = typer.Option(0, help=_h("seed")),
     lora_rank: int = typer.Option(8, help=_h("lora_rank")),
     lora_alpha: float = typer.Option(32.0, help=_h("lora_alpha")),
-    gamma: float = typer.Option(1e-3, help=_h("gamma")),
+    gamma: float = typer.Option(0.0, help=_h("gamma")),
     schedule: str = typer.Option("cosine", help=_h("schedule")),
     warmup_ratio: float = typer.Option(0.05, help=_h("warmup_ratio")),
     weight_decay: float = typer.Option(0.0, help=_h("weight_decay")),

@@ -19,260 +19,40 @@ output is a plain carved checkpoint written to a temporary directory and renamed
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
 from .balance import RoutingRecorder, apply_bias_update, carved_mlps, max_over_mean
-from .checkpoint import (
-    REPORT_FILE,
-    atomic_directory,
-    check_output_dir,
-    load_carved,
-    read_cmoe_config,
-    save_carved,
+from .checkpoint import check_output_dir, load_carved, read_cmoe_config
+from .errors import CheckpointError
+from .finetune_config import (  # noqa: F401 (the public names, importable from here as before)
+    ATTENTION_PROJECTIONS,
+    EXPERT_PARAMETERS,
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneResult,
+    StepInfo,
 )
-from .atomic import holds_output_lock
-from .errors import CheckpointError, CmoeError
+from .finetune_output import write_output
 from .preflight import check_finetune_inputs
 from .progress import progress_bar
 from .state_io import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["lora", "router", "full"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Schedule = Literal["constant", "cosine", "linear"]
-TeacherDtype = Literal["auto", "bf16", "fp32"]
-
-# LoRA targets. Attention projections by module name (the same in every supported family:
-# Llama, Mistral, Qwen2/3, Gemma 2/3); expert weights by parameter name inside each CarvedMLP.
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-
-# Learning rate of the main parameters per mode (the router scale has its own, `router_lr`).
-# LoRA: the paper's 5.95e-5 is tuned for 2,048 windows of 2,048 tokens; over the few hundred
-# short windows a CPU affords it barely moves the adapters. SmolLM2-135M at S2A2E16 (fitted
-# router), 32 windows of 512 tokens of wiki.valid.raw, mean training loss of the last 10 steps:
-# 6.25 at 5.95e-5, 5.38 at 5e-4, 5.03 at 1.5e-3, 4.94 at 4e-3 (first step 6.87). 2e-3 keeps most
-# of that gain with a margin from the top of the range tried.
-DEFAULT_LR: dict[str, float | None] = {"lora": 2e-3, "full": 1e-5, "router": None}
-
 CHECKPOINT_FORMAT = 1  # version of the periodic training state file
 # Fields that may differ between an interrupted run and its resumption: they change neither the
 # arithmetic nor the order of the data.
 RESUMABLE_CHANGES = ("save_every", "gradient_checkpointing")
-
-
-class FinetuneError(CmoeError):
-    """A fine-tuning configuration or state that cannot be used."""
-
-
-def _choice(value, allowed, flag: str) -> None:
-    choices = get_args(allowed)
-    if value not in choices:
-        raise FinetuneError(f"{flag} {value!r} is not one of {', '.join(choices)}")
-
-
-@dataclass
-class FinetuneConfig:
-    """How to fine-tune a carved checkpoint. Recorded in the output's report and card."""
-
-    mode: Mode = field(
-        default="lora",
-        metadata={"help": "what trains: lora (adapters + router scale), router (scale only), full"},
-    )
-    data: str = field(
-        default="wikitext2",
-        metadata={"help": "training text: wikitext2, c4, or a file (text, .raw, .jsonl, .parquet)"},
-    )
-    samples: int = field(default=128, metadata={"help": "training windows, drawn at random starts"})
-    seqlen: int = field(default=512, metadata={"help": "tokens per training window"})
-    epochs: int = field(default=1, metadata={"help": "passes over the windows"})
-    lr: float | None = field(
-        default=None,
-        metadata={"help": "learning rate of LoRA (or all weights with --mode full); "
-                  "default: 2e-3 for lora, 1e-5 for full"},
-    )
-    router_lr: float = field(default=1e-3, metadata={"help": "learning rate of the router scale u"})
-    batch_size: int = field(default=1, metadata={"help": "windows per forward pass and process"})
-    grad_accum: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
-    seed: int = field(default=0, metadata={"help": "seed of the windows, their order and LoRA init"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling alpha / r)"})
-    gamma: float = field(
-        default=1e-3, metadata={"help": "load-balancing bias step per optimizer step (0: off)"}
-    )
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    schedule: Schedule = field(
-        default="cosine", metadata={"help": "lr schedule after warmup: constant, cosine, linear"}
-    )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "fraction of the steps with a linear lr warmup"}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in backward to save memory"}
-    )
-    precision: Precision = field(
-        default="auto",
-        metadata={"help": "auto (bf16 autocast on GPUs that support it, else fp32), bf16, fp16, fp32"},
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "optimizer steps between resumable state saves (0: never)"}
-    )
-    distill: bool = field(
-        default=False,
-        metadata={"help": "learn from the dense source model's logits (KL divergence) instead "
-                  "of the next token alone; the teacher runs frozen in the same process"},
-    )
-    teacher: str | None = field(
-        default=None,
-        metadata={"help": "the dense teacher for --distill (hub id, directory or .gguf); "
-                  "default: the model the checkpoint was carved from"},
-    )
-    teacher_dtype: TeacherDtype = field(
-        default="auto",
-        metadata={"help": "weights of the --distill teacher, which only runs forward: auto (bf16 "
-                  "where the hardware multiplies bf16, else fp32), bf16, fp32"},
-    )
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of --distill"})
-    distill_hidden: float = field(
-        default=0.0,
-        metadata={"help": "weight of the per-layer hidden-state MSE (relative to the teacher's "
-                  "energy) added to the --distill loss; 0: off"},
-    )
-    distill_ce: float | None = field(
-        default=None,
-        metadata={"help": "weight of the next-token cross-entropy added to the --distill loss "
-                  "(hard targets beside the teacher's soft ones); 0: off; default: 1 with "
-                  "--distill"},
-    )
-    neuron_keep: float | None = field(
-        default=None,
-        metadata={"help": "MoNE keep ratio of the routed experts to train (and save) with; "
-                  "default: the checkpoint's"},
-    )
-    shared_neuron_keep: float | None = field(
-        default=None,
-        metadata={"help": "MoNE keep ratio of the shared experts; default: the checkpoint's"},
-    )
-
-    def __post_init__(self):
-        _choice(self.mode, Mode, "--mode")
-        _choice(self.precision, Precision, "--precision")
-        _choice(self.schedule, Schedule, "--schedule")
-        _choice(self.teacher_dtype, TeacherDtype, "--teacher-dtype")
-        positive = {
-            "--samples": self.samples, "--epochs": self.epochs, "--batch-size": self.batch_size,
-            "--grad-accum": self.grad_accum, "--lora-rank": self.lora_rank,
-        }
-        for flag, value in positive.items():
-            if value < 1:
-                raise FinetuneError(f"{flag} must be at least 1, got {value}")
-        if self.seqlen < 2:
-            raise FinetuneError(f"--seqlen {self.seqlen} leaves no token to predict: use 2 or more")
-        if self.samples < self.batch_size:
-            raise FinetuneError(
-                f"--samples {self.samples} is fewer than one batch of --batch-size "
-                f"{self.batch_size}: raise --samples or lower --batch-size"
-            )
-        if self.lr is not None and self.mode == "router":
-            raise FinetuneError(
-                f"--lr {self.lr} has no effect with --mode router (only the router scale trains, "
-                "at --router-lr): drop --lr or choose --mode lora or full"
-            )
-        if self.lr is not None and not self.lr > 0:
-            raise FinetuneError(f"--lr must be positive, got {self.lr}")
-        if not self.router_lr > 0:
-            raise FinetuneError(f"--router-lr must be positive, got {self.router_lr}")
-        if self.lora_alpha <= 0:
-            raise FinetuneError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        for flag, value in {"--gamma": self.gamma, "--weight-decay": self.weight_decay,
-                            "--max-grad-norm": self.max_grad_norm,
-                            "--save-every": self.save_every}.items():
-            if value < 0:
-                raise FinetuneError(f"{flag} must be 0 or more, got {value}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise FinetuneError(
-                f"adam_beta1 and adam_beta2 must lie in [0, 1), got {self.adam_beta1}, "
-                f"{self.adam_beta2}"
-            )
-        from .mone import check_ratio
-
-        if self.neuron_keep is not None:
-            check_ratio(self.neuron_keep, "--neuron-keep")
-        if self.shared_neuron_keep is not None:
-            check_ratio(self.shared_neuron_keep, "--shared-neuron-keep")
-        if not self.temperature > 0:
-            raise FinetuneError(f"--temperature must be positive, got {self.temperature}")
-        if self.distill_hidden < 0:
-            raise FinetuneError(f"--distill-hidden must be 0 or more, got {self.distill_hidden}")
-        if self.distill_ce is not None and self.distill_ce < 0:
-            raise FinetuneError(f"--distill-ce must be 0 or more, got {self.distill_ce}")
-        if not self.distill and (
-            self.teacher is not None or self.distill_hidden > 0 or self.distill_ce
-            or self.teacher_dtype != "auto"
-        ):
-            raise FinetuneError(
-                "--teacher, --teacher-dtype, --distill-hidden and --distill-ce need --distill: "
-                "add it or drop them"
-            )
-        if self.distill_ce is None:
-            # With the teacher's logits alone, SmolLM2's S2A2E16 carve reached 57.10 on
-            # WikiText-2; with the next token beside them, 49.65 (same data, same time).
-            self.distill_ce = 1.0 if self.distill else 0.0
-        if not 0 <= self.warmup_ratio < 1:
-            raise FinetuneError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
-
-    @property
-    def main_lr(self) -> float | None:
-        """The learning rate of the LoRA adapters (lora) or of all weights (full)."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "lr": self.main_lr}
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The help string of a field, for the CLI."""
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
-
-
-@dataclass
-class StepInfo:
-    """What a step callback sees after each optimizer step (and its bias update)."""
-
-    step: int  # optimizer steps done, 1-based
-    total_steps: int
-    loss: float  # mean training loss of the step, over all processes
-    tokens_per_second: float  # since this run (or resumption) started
-    load_max_over_mean: float  # mean over layers of this step's busiest expert / mean load
-    model: nn.Module  # the model being trained (PEFT-wrapped in lora mode, not merged)
-
-
-@dataclass
-class FinetuneResult:
-    path: Path
-    steps: int
-    tokens: int
-    seconds: float  # training time, summed over resumptions
-    loss_first: float
-    loss_last: float
-
 
 # ----------------------------------------------------------------------------------------------
 # What trains
@@ -436,18 +216,6 @@ def _checkpoint_fingerprint(carved_dir: Path) -> dict:
     return {"weights": [(f.name, f.stat().st_size) for f in files]}
 
 
-def _source_report(carved_dir: Path) -> dict:
-    path = carved_dir / REPORT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _saved_dtype(carved_dir: Path) -> str:
-    values = json.loads((carved_dir / "config.json").read_text())
-    name = str(values.get("dtype") or values.get("torch_dtype") or "float32")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
-
-
-@holds_output_lock  # one writer per --out (and per state file beside it)
 def finetune(
     carved_dir: str | Path,
     out: str | Path,
@@ -501,7 +269,7 @@ def finetune(
     if run.main:
         trained = run.n_trainable  # counted before the merge freezes every weight
         final = _merged(accelerator.unwrap_model(run.model))
-        _write_output(final, run.tokenizer, carved_dir, out, cmoe, config, run.source, summary,
+        write_output(final, run.tokenizer, carved_dir, out, cmoe, config, run.source, summary,
                       history, trained, accelerator, overwrite)
         state_file.unlink(missing_ok=True)
         log.info("fine-tuned checkpoint written to %s", out)
@@ -753,123 +521,3 @@ def _merged(model: nn.Module) -> nn.Module:
         model.activation_checkpointing_disable()
     model.config.use_cache = True
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
-def _write_output(model, tokenizer, carved_dir, out, cmoe, config, source, summary, history,
-                  n_trainable, accelerator, overwrite) -> None:
-    """The merged checkpoint, its loss curve and its training record, renamed into place whole."""
-    model.to(device="cpu", dtype=getattr(torch, _saved_dtype(carved_dir)))
-    mlps = carved_mlps(model)
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    record = {
-        **summary,
-        "created": created,
-        "cmoe_carve_version": __version__,
-        "source_checkpoint": str(carved_dir),
-        "config": config.to_dict(),
-        "data": {**source.to_record(), "description": source.describe()},
-        "windows": config.samples,
-        "trainable_parameters": n_trainable,
-        "lora_targets": (list(ATTENTION_PROJECTIONS) + list(EXPERT_PARAMETERS))
-        if config.mode == "lora" else [],
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "resumed_at_steps": history["resumed_at"],
-        "losses": [round(v, 5) for v in history["losses"]],
-        "load_max_over_mean": history["load"],
-        "router_scale_abs_mean": [round(m.router.scale.abs().mean().item(), 6) for m in mlps],
-        "router_bias_abs_mean": [round(m.router.bias.abs().mean().item(), 6) for m in mlps],
-    }
-    report = _source_report(carved_dir)
-    meta = report.pop("meta", {})
-    report.pop("cmoe", None)
-    if "finetune" in report:
-        report.setdefault("finetune_history", []).append(report.pop("finetune"))
-    report["finetune"] = record
-    meta = {**meta, "finetune": {k: record[k] for k in ("created", "steps", "tokens", "seconds",
-                                                        "loss_first", "loss_last")}}
-    cmoe = {k: v for k, v in cmoe.items() if k != "cmoe_carve_version"}
-    with atomic_directory(out, overwrite) as tmp:
-        save_carved(model, tokenizer, tmp, cmoe, report, meta, overwrite=True)
-        plot_losses(history["losses"], tmp / "loss_curve.png", title=f"cmoe finetune ({config.mode})")
-        with open(tmp / "README.md", "a") as card:
-            card.write(finetune_card(record))
-
-
-def plot_losses(losses: list[float], path: Path, title: str = "") -> None:
-    """Training loss per optimizer step (and a moving average) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    steps = range(1, len(losses) + 1)
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="step loss")
-    window = max(1, len(losses) // 20)
-    if window > 1:
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]
-        ax.plot(steps, smooth, lw=1.6, label=f"mean of {window}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _loss_description(c: dict) -> str:
-    if not c.get("distill"):
-        return "next-token cross-entropy"
-    text = f"KL divergence from the dense teacher's logits, temperature {c['temperature']:g}"
-    if c.get("distill_hidden"):
-        text += f", plus {c['distill_hidden']:g} x per-layer hidden-state MSE"
-    if c.get("distill_ce"):
-        text += f", plus {c['distill_ce']:g} x next-token cross-entropy"
-    return text
-
-
-def finetune_card(record: dict) -> str:
-    """The fine-tuning section appended to the model card."""
-    c = record["config"]
-    what = {
-        "lora": f"LoRA r={c['lora_rank']}, alpha={c['lora_alpha']:g} on q/k/v/o and every "
-                "expert's gate/up and down (merged), plus the router scale u",
-        "router": "the router scale u only",
-        "full": "every weight, plus the router scale u",
-    }[c["mode"]]
-    lrs = f"router scale {c['router_lr']:g}" + (f", main {c['lr']:g}" if c["lr"] else "")
-    load = record["load_max_over_mean"]
-    lines = [
-        "",
-        "## Fine-tuning",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| trained | {what} ({record['trainable_parameters']:,} parameters) |",
-        f"| data | {record['data']['description']} |",
-        f"| windows | {c['samples']} x {c['seqlen']} tokens, {c['epochs']} epoch(s), seed {c['seed']} |",
-        (f"| steps | {record['steps']} of {c['batch_size']} x {c['grad_accum']} x "
-         f"{record['processes']} window(s), {record['tokens']:,} tokens |"),
-        (f"| optimizer | AdamW betas ({c['adam_beta1']}, {c['adam_beta2']}), lr {lrs}, "
-         f"{c['schedule']} after {c['warmup_ratio']:g} warmup |"),
-        f"| load balancing | selection-bias update, gamma {c['gamma']:g} per step |",
-        f"| loss | {_loss_description(c)} |",
-        (f"| training loss | {record['loss_first']:.3f} (first step) -> "
-         f"{record['loss_last']:.3f} (mean of the last 10) |"),
-        (f"| load max/mean | {load[0] if load else float('nan'):.2f} (first step) -> "
-         f"{load[-1] if load else float('nan'):.2f} (last step), mean over layers |"),
-        (f"| time | {record['seconds']:.0f} s on {record['device']}, precision "
-         f"{record['mixed_precision']} |"),
-        "",
-        f"Loss curve: `loss_curve.png`; per-step losses in `{REPORT_FILE}` under `finetune`.",
-    ]
-    return "\n".join(lines) + "\n"

@@ -135,6 +135,8 @@ CASES = [
     ("finetune-out-is-input", [a.replace("{root}/out", "{root}/carved") for a in FT] +
      ["--overwrite"], "carved", [], ["is the input"]),
     ("finetune-disk-full", FT, "carved", [("", "enospc")], ["no space left"]),
+    ("finetune-bad-teacher-dtype", FT + ["--distill", "--teacher-dtype", "fp8"], "carved", [],
+     ["--teacher-dtype", "bf16"]),
     # bench
     ("bench-no-weights", BENCH, "carved", [("carved/" + W, "rm")], ["no *.safetensors"]),
     ("bench-broken-config", BENCH, "dense", [("dense/config.json", "badjson")], ["not valid JSON"]),

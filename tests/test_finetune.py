@@ -47,8 +47,9 @@ def carved(tmp_path_factory):
 
 
 def tiny_config(carved, **overrides) -> FinetuneConfig:
+    # gamma on (off by default) so that the bias update is trained, saved and resumed too.
     values = {"data": str(carved / "train.txt"), "samples": 4, "seqlen": 16, "lr": 1e-3,
-              "save_every": 0}
+              "save_every": 0, "gamma": 1e-3}
     return FinetuneConfig(**{**values, **overrides})
 
 
