@@ -66,7 +66,8 @@ class _DistillLoss(torch.autograd.Function):
             # d/ds of t^2 * KL(p_t || q_t) is t * (q_t - p_t)
             g = (q - p).mul_(t / rows)
             if ce_weight and with_target:
-                log_q1, q1 = (log_q, q) if t == 1.0 else (F.log_softmax(s, dim=-1), F.softmax(s, dim=-1))
+                log_q1 = log_q if t == 1.0 else F.log_softmax(s, dim=-1)
+                q1 = q if t == 1.0 else log_q1.exp()
                 here = valid[part].nonzero(as_tuple=True)[0]
                 tgt = targets[part][here]
                 ce_sum -= log_q1[here, tgt].sum(dtype=torch.float64)
