@@ -57,6 +57,7 @@ def finetune_command(
     temperature: float = typer.Option(1.0, help=_h("temperature")),
     distill_hidden: float = typer.Option(0.0, help=_h("distill_hidden")),
     distill_ce: Optional[float] = typer.Option(None, help=_h("distill_ce"), show_default=False),
+    distill_topk: Optional[int] = typer.Option(None, help=_h("distill_topk"), show_default=False),
     neuron_keep: Optional[float] = typer.Option(None, help=_h("neuron_keep"), show_default=False),
     shared_neuron_keep: Optional[float] = typer.Option(
         None, help=_h("shared_neuron_keep"), show_default=False
@@ -77,7 +78,7 @@ def finetune_command(
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         save_every=save_every, distill=distill, teacher=teacher, teacher_dtype=teacher_dtype,
         temperature=temperature,
-        distill_hidden=distill_hidden, distill_ce=distill_ce, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
+        distill_hidden=distill_hidden, distill_ce=distill_ce, distill_topk=distill_topk, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
     )
     result = finetune(
         carved, out, config, data_dir=data_dir, resume=resume, overwrite=overwrite, cpu=cpu,

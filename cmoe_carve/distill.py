@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -103,6 +104,124 @@ def distill_loss(
     targets[:, :-1] = input_ids[:, 1:]
     return _DistillLoss.apply(
         student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach(),
+        targets.reshape(-1), temperature, ce_weight,
+    )
+
+
+# Teacher probabilities kept per token by default (`--distill-topk`): the KL then runs over
+# these and one bucket for the rest of the vocabulary, so a step costs about what the
+# cross-entropy alone costs, and the teacher's targets fit in memory to be reused.
+DEFAULT_TOPK = 128
+
+
+@dataclass
+class SparseTargets:
+    """The teacher's distribution at a temperature, cut to each token's k most likely ids plus
+    one bucket for the rest: log_p [N, k] fp32 (log-probabilities of ids [N, k]) and
+    log_tail [N] fp32 (log of the mass outside them)."""
+
+    log_p: torch.Tensor
+    ids: torch.Tensor
+    log_tail: torch.Tensor
+
+    def __getitem__(self, rows) -> "SparseTargets":
+        return SparseTargets(self.log_p[rows], self.ids[rows], self.log_tail[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.log_p, self.ids, self.log_tail))
+
+    @staticmethod
+    def cat(parts: list["SparseTargets"]) -> "SparseTargets":
+        return SparseTargets(*(torch.cat([getattr(p, n) for p in parts])
+                               for n in ("log_p", "ids", "log_tail")))
+
+
+def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> SparseTargets:
+    """The teacher's top-k log-probabilities at `temperature` and its tail mass, per row of
+    logits [N, V] (or [B, T, V], flattened), in chunks of LOSS_CHUNK_ROWS rows."""
+    logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    k = min(k, logits.shape[-1] - 1)  # at least one id in the tail keeps its log finite
+    parts = []
+    for start in range(0, logits.shape[0], LOSS_CHUNK_ROWS):
+        log_p = F.log_softmax(logits[start : start + LOSS_CHUNK_ROWS].float() / temperature, dim=-1)
+        top, ids = log_p.topk(k, dim=-1)
+        # The tail summed from its own entries, not as 1 - sum(top): that difference loses
+        # every digit when the top ids hold nearly all the mass.
+        tail = log_p.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+        parts.append(SparseTargets(top, ids, tail))
+    return SparseTargets.cat(parts)
+
+
+class _SparseDistillLoss(torch.autograd.Function):
+    """As `_DistillLoss`, against `SparseTargets`: KL(p || q) over the k ids of each token and
+    one bucket for the rest (the teacher's tail mass against the student's), a lower bound of
+    the full KL that equals it when the teacher's tail follows the student's shape. Its
+    gradient, t * (q - p) on the k ids and t * q_j (1 - p_tail / q_tail) elsewhere, needs no
+    softmax of the teacher: the step's only pass of exponentials is the student's own."""
+
+    @staticmethod
+    def forward(ctx, logits, log_p, ids, log_tail, targets, temperature, ce_weight):
+        rows = logits.shape[0]
+        valid = targets >= 0
+        with_target = int(valid.sum())
+        t = float(temperature)
+        grad = torch.empty_like(logits)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, rows, LOSS_CHUNK_ROWS):
+            part = slice(start, start + LOSS_CHUNK_ROWS)
+            s = logits[part].float()
+            log_q = F.log_softmax(s / t, dim=-1)
+            q = log_q.exp()
+            lp, ix, lt = log_p[part].float(), ids[part], log_tail[part].float()
+            p = lp.exp()
+            p_tail = lt.exp()
+            log_q_top = log_q.gather(-1, ix)
+            # The student's tail mass from its own entries (same reason as in sparse_targets).
+            g = q.scatter(-1, ix, 0.0)
+            log_q_tail = g.sum(-1).clamp_min(torch.finfo(torch.float32).tiny).log()
+            kd_sum += (p * (lp - log_q_top)).sum(dtype=torch.float64)
+            kd_sum += (p_tail * (lt - log_q_tail)).sum(dtype=torch.float64)
+            g.mul_((1.0 - (lt - log_q_tail).exp())[:, None])
+            g.scatter_(-1, ix, q.gather(-1, ix) - p)
+            g.mul_(t / rows)
+            if ce_weight and with_target:
+                log_q1 = log_q if t == 1.0 else F.log_softmax(s, dim=-1)
+                q1 = q if t == 1.0 else log_q1.exp()
+                here = valid[part].nonzero(as_tuple=True)[0]
+                tgt = targets[part][here]
+                ce_sum -= log_q1[here, tgt].sum(dtype=torch.float64)
+                w = ce_weight / with_target
+                g.index_add_(0, here, q1[here], alpha=w)
+                g[here, tgt] -= w
+            grad[part] = g.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        loss = kd_sum * (t * t) / rows
+        if ce_weight and with_target:
+            loss = loss + ce_weight * ce_sum / with_target
+        return loss.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+
+
+def sparse_distill_loss(
+    student_logits: torch.Tensor,
+    teacher: SparseTargets,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
+    """`distill_loss` against the teacher's top-k targets (rows in the order of the flattened
+    logits [B, T, V]) instead of its full logits."""
+    vocab = student_logits.shape[-1]
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:]
+    return _SparseDistillLoss.apply(
+        student_logits.reshape(-1, vocab), teacher.log_p, teacher.ids, teacher.log_tail,
         targets.reshape(-1), temperature, ce_weight,
     )
 

@@ -255,6 +255,7 @@ def finetune(
         start = run.restore(state_file)
     elif resume and run.main:
         log.warning("no saved state at %s: starting from the first step", state_file)
+    run.cache_teacher(progress)
     run.train(start, state_file, progress, step_callback)
 
     accelerator, history = run.accelerator, run.history
@@ -278,6 +279,11 @@ def finetune(
                           summary["loss_first"], summary["loss_last"])
 
 
+# The most memory the teacher's cached top-k targets may take (12 bytes per kept id and token:
+# 128 x 512 tokens at k = 128 take 100 MB); beyond it the teacher runs at every step instead.
+TEACHER_CACHE_BYTES = 4 * 2**30
+
+
 @dataclass
 class _Run:
     """One training run: what it holds, and the parts of its loop."""
@@ -294,6 +300,9 @@ class _Run:
     plan: list[list[torch.Tensor]]  # step -> micro-batches of window indices
     identity: dict  # what a saved state must match to be resumed
     teacher: nn.Module | None = None  # the frozen dense model of --distill
+    # The teacher's top-k targets per window (--distill-topk), made once before training; the
+    # teacher itself is then dropped. None: the teacher runs at every step.
+    teacher_targets: list | None = None
     history: dict = field(
         default_factory=lambda: {"losses": [], "load": [], "seconds": 0.0, "resumed_at": []}
     )
@@ -411,16 +420,50 @@ class _Run:
             log.info("resuming from step %d of %d (%s)", state["step"], len(self.plan), state_file)
         return state["step"]
 
+    def cache_teacher(self, progress: bool) -> None:
+        """The teacher's top-k targets of every window, once, in window order and in batches of
+        --batch-size (so a resumed run makes the same ones), then the teacher is dropped: the
+        epochs after the first cost no teacher forward, and no step holds both models' logits.
+        Not with --distill-hidden (its targets are the teacher's hidden states at every step)
+        nor where the targets would take more than TEACHER_CACHE_BYTES."""
+        from .distill import sparse_targets
+
+        config, teacher = self.config, self.teacher
+        if teacher is None or not config.distill_topk or config.distill_hidden > 0:
+            return
+        n, length = self.windows.shape
+        k = min(config.distill_topk, teacher.get_output_embeddings().weight.shape[0] - 1)
+        if n * length * (k * 12 + 4) > TEACHER_CACHE_BYTES:
+            log.info("the teacher's targets would not fit in %.1f GiB: it runs at every step",
+                     TEACHER_CACHE_BYTES / 2**30)
+            return
+        start, bs, device = time.perf_counter(), config.batch_size, self.accelerator.device
+        targets = []
+        with torch.no_grad(), progress_bar(
+            -(-n // bs), "teacher targets", enabled=progress and self.main
+        ) as bar:
+            for first in range(0, n, bs):
+                ids = self.windows[first : first + bs].to(device)
+                logits = teacher(input_ids=ids, use_cache=False).logits
+                batch = sparse_targets(logits, k, config.temperature)
+                targets += [batch[i * length : (i + 1) * length] for i in range(ids.shape[0])]
+                bar.advance()
+        self.teacher_targets, self.teacher = targets, None
+        self.history["teacher_seconds"] = self.history.get("teacher_seconds", 0.0) + (
+            time.perf_counter() - start
+        )
+
     def step(self, index: int, recorder: RoutingRecorder, first: bool) -> tuple[float, torch.Tensor]:
         """One optimizer step and the bias update after it: (mean loss, routing counts [L, Nr])."""
         acc, config, micro_batches = self.accelerator, self.config, self.plan[index]
         rank, bs = acc.process_index, config.batch_size
         loss_sum = torch.zeros((), device=acc.device)
         for j, idx in enumerate(micro_batches):
-            ids = self.windows[idx[rank * bs : (rank + 1) * bs]].to(acc.device)  # [B, T]
+            mine = idx[rank * bs : (rank + 1) * bs]
+            ids = self.windows[mine].to(acc.device)  # [B, T]
             last = j == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                loss = self._loss(ids)
+                loss = self._loss(ids, mine)
                 recorder.collect()  # before backward, which may recompute the layers
                 acc.backward(loss / len(micro_batches))
             loss_sum += loss.detach().float()
@@ -437,21 +480,41 @@ class _Run:
             apply_bias_update(self.mlps, counts, config.gamma)
         return acc.reduce(loss_sum / len(micro_batches), "mean").item(), counts
 
-    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """The training loss of one micro-batch [B, T]: next-token cross-entropy, or with
-        --distill the KL divergence from the teacher (plus the hidden-state term)."""
-        if self.teacher is None:
+    def _loss(self, ids: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch ids [B, T] (rows `windows` of self.windows):
+        next-token cross-entropy, or with --distill the KL divergence from the teacher (over its
+        top-k ids with --distill-topk; plus the hidden-state term)."""
+        config = self.config
+        if not config.distill:
             return self.model(input_ids=ids, labels=ids, use_cache=False).loss
-        from .distill import distill_loss, hidden_mse
+        from .distill import (
+            SparseTargets,
+            distill_loss,
+            hidden_mse,
+            sparse_distill_loss,
+            sparse_targets,
+        )
 
-        hidden = self.config.distill_hidden > 0
-        with torch.no_grad():
-            ref = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        hidden = config.distill_hidden > 0
+        ref = None
+        if self.teacher_targets is not None:
+            targets = SparseTargets.cat([self.teacher_targets[i] for i in windows.tolist()])
+            targets = SparseTargets(*(t.to(ids.device) for t in
+                                      (targets.log_p, targets.ids, targets.log_tail)))
+        else:
+            with torch.no_grad():
+                ref = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            targets = (sparse_targets(ref.logits, config.distill_topk, config.temperature)
+                       if config.distill_topk else None)
         out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        loss = distill_loss(out.logits, ref.logits, ids, self.config.temperature,
-                            self.config.distill_ce)
+        if targets is not None:
+            loss = sparse_distill_loss(out.logits, targets, ids, config.temperature,
+                                       config.distill_ce)
+        else:
+            loss = distill_loss(out.logits, ref.logits, ids, config.temperature,
+                                config.distill_ce)
         if hidden:
-            loss = loss + self.config.distill_hidden * hidden_mse(out.hidden_states, ref.hidden_states)
+            loss = loss + config.distill_hidden * hidden_mse(out.hidden_states, ref.hidden_states)
         return loss
 
     def train(self, start: int, state_file: Path, progress: bool, callback) -> None:

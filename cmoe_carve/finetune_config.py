@@ -122,6 +122,12 @@ class FinetuneConfig:
                   "(hard targets beside the teacher's soft ones); 0: off; default: 1 with "
                   "--distill"},
     )
+    distill_topk: int | None = field(
+        default=None,
+        metadata={"help": "teacher ids kept per token by --distill (the KL runs over them and one "
+                  "bucket for the rest; the targets are made once and the teacher dropped); "
+                  "0: the full vocabulary at every step; default: 128 with --distill"},
+    )
     neuron_keep: float | None = field(
         default=None,
         metadata={"help": "MoNE keep ratio of the routed experts to train (and save) with; "
@@ -184,14 +190,20 @@ class FinetuneConfig:
             raise FinetuneError(f"--distill-hidden must be 0 or more, got {self.distill_hidden}")
         if self.distill_ce is not None and self.distill_ce < 0:
             raise FinetuneError(f"--distill-ce must be 0 or more, got {self.distill_ce}")
+        if self.distill_topk is not None and self.distill_topk < 0:
+            raise FinetuneError(f"--distill-topk must be 0 or more, got {self.distill_topk}")
         if not self.distill and (
             self.teacher is not None or self.distill_hidden > 0 or self.distill_ce
-            or self.teacher_dtype != "auto"
+            or self.teacher_dtype != "auto" or self.distill_topk is not None
         ):
             raise FinetuneError(
-                "--teacher, --teacher-dtype, --distill-hidden and --distill-ce need --distill: "
-                "add it or drop them"
+                "--teacher, --teacher-dtype, --distill-hidden, --distill-ce and --distill-topk "
+                "need --distill: add it or drop them"
             )
+        if self.distill_topk is None:
+            from .distill import DEFAULT_TOPK
+
+            self.distill_topk = DEFAULT_TOPK if self.distill else 0
         if self.distill_ce is None:
             # With the teacher's logits alone, SmolLM2's S2A2E16 carve reached 57.10 on
             # WikiText-2; with the next token beside them, 49.65 (same data, same time).

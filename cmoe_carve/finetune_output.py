@@ -50,6 +50,8 @@ def write_output(model, tokenizer, carved_dir, out, cmoe, config, source, summar
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
         "resumed_at_steps": history["resumed_at"],
+        # The --distill teacher's targets, made once before training (outside "seconds").
+        "teacher_seconds": round(history.get("teacher_seconds", 0.0), 4),
         "losses": [round(v, 5) for v in history["losses"]],
         "load_max_over_mean": history["load"],
         "router_scale_abs_mean": [round(m.router.scale.abs().mean().item(), 6) for m in mlps],

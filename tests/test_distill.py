@@ -11,7 +11,15 @@ import torch
 from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.checkpoint import REPORT_FILE, load_carved, save_carved
 from cmoe_carve import distill
-from cmoe_carve.distill import distill_loss, hidden_mse, kd_loss, resolve_teacher_dtype, teacher_reference
+from cmoe_carve.distill import (
+    distill_loss,
+    hidden_mse,
+    kd_loss,
+    resolve_teacher_dtype,
+    sparse_distill_loss,
+    sparse_targets,
+    teacher_reference,
+)
 from cmoe_carve.errors import ModelError
 from cmoe_carve.finetune import FinetuneConfig, FinetuneError, finetune
 from test_finetune import TEXT
@@ -59,6 +67,63 @@ def test_fused_distill_loss_matches_autograd_in_value_and_gradient(monkeypatch, 
     (2.5 * fused).backward()
     (2.5 * expected).backward()
     torch.testing.assert_close(student.grad, reference.grad)
+
+
+def _bucket_reference(student, teacher, ids, k, t, ce_weight):
+    """KL over each token's teacher top-k ids plus one bucket for the rest, by plain autograd
+    (the tails by logsumexp over masked entries), plus the causal-LM cross-entropy."""
+    v = student.shape[-1]
+    log_p = torch.log_softmax(teacher.reshape(-1, v) / t, -1)
+    log_q = torch.log_softmax(student.reshape(-1, v).float() / t, -1)
+    top = log_p.topk(k, -1).indices
+    mask = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, top, True)
+    tail_p = log_p.masked_fill(mask, float("-inf")).logsumexp(-1)
+    tail_q = log_q.masked_fill(mask, float("-inf")).logsumexp(-1)
+    lp, lq = log_p.gather(-1, top), log_q.gather(-1, top)
+    kl = (lp.exp() * (lp - lq)).sum(-1) + tail_p.exp() * (tail_p - tail_q)
+    loss = kl.mean() * t * t
+    if ce_weight:
+        ce = torch.nn.functional.cross_entropy(
+            student[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1)
+        )
+        loss = loss + ce_weight * ce
+    return loss
+
+
+@pytest.mark.parametrize("k,t,ce_weight", [(3, 1.0, 0.0), (5, 1.0, 1.0), (4, 2.0, 0.5)])
+def test_sparse_distill_loss_matches_the_bucketed_kl_in_value_and_gradient(monkeypatch, k, t,
+                                                                             ce_weight):
+    monkeypatch.setattr(distill, "LOSS_CHUNK_ROWS", 4)
+    gen = torch.Generator().manual_seed(2)
+    teacher = 3 * torch.randn(2, 7, 13, generator=gen)
+    ids = torch.randint(0, 13, (2, 7), generator=gen)
+    student = (3 * torch.randn(2, 7, 13, generator=gen)).requires_grad_(True)
+    reference = student.detach().clone().requires_grad_(True)
+    targets = sparse_targets(teacher, k, t)
+    assert targets.ids.shape == (14, k)
+    # The kept mass and the tail make up the whole distribution.
+    total = targets.log_p.exp().sum(-1) + targets.log_tail.exp()
+    torch.testing.assert_close(total, torch.ones(14))
+    fused = sparse_distill_loss(student, targets, ids, t, ce_weight)
+    expected = _bucket_reference(reference, teacher, ids, k, t, ce_weight)
+    torch.testing.assert_close(fused, expected)
+    (1.5 * fused).backward()
+    (1.5 * expected).backward()
+    torch.testing.assert_close(student.grad, reference.grad)
+
+
+def test_sparse_distill_loss_is_the_full_kl_when_one_id_is_left_out():
+    # With V - 1 ids kept the bucket holds one id: nothing is lumped, so the loss is exact.
+    gen = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(1, 6, 9, generator=gen), torch.randn(1, 6, 9, generator=gen)
+    ids = torch.randint(0, 9, (1, 6), generator=gen)
+    full = distill_loss(student, teacher, ids, 1.0, 1.0)
+    sparse = sparse_distill_loss(student, sparse_targets(teacher, 50, 1.0), ids, 1.0, 1.0)
+    torch.testing.assert_close(sparse, full)
+    # And the bucketed KL never exceeds the full one (it is a coarser view of the same pair).
+    kl_full = distill_loss(student, teacher, ids, 1.0, 0.0)
+    kl_top2 = sparse_distill_loss(student, sparse_targets(teacher, 2, 1.0), ids, 1.0, 0.0)
+    assert 0 < kl_top2 < kl_full
 
 
 def test_teacher_dtype_follows_the_choice_and_the_hardware(monkeypatch):
@@ -129,7 +194,7 @@ def test_the_first_distillation_loss_is_the_kl_to_the_teacher(pair):
     # Step 1 sees the untrained student: its loss must be the KL divergence from the teacher on
     # that window (plus, with --distill-hidden, the positive hidden-state term). The teacher in
     # fp32, as the reference computes it (auto may choose bf16 on this CPU).
-    exact = dict(samples=1, teacher_dtype="fp32")
+    exact = dict(samples=1, teacher_dtype="fp32", distill_topk=0)
     plain = _run(pair, "ft_plain", distill_ce=0.0, **exact)["losses"][0]
     with_hidden = _run(pair, "ft_hidden", distill_hidden=1.0, distill_ce=0.0, **exact)["losses"][0]
     from cmoe_carve.data import calibration_windows, resolve_text
@@ -148,6 +213,24 @@ def test_the_first_distillation_loss_is_the_kl_to_the_teacher(pair):
         ce = student(window, labels=window).loss.item()
     assert with_ce == pytest.approx(expected + 0.5 * ce, rel=1e-3)
     assert default == pytest.approx(expected + ce, rel=1e-3)
+
+
+def test_the_first_top_k_distillation_loss_is_the_bucketed_kl(pair):
+    # The default --distill keeps the teacher's top 128 ids (made once before training, the
+    # teacher then dropped); the first step's loss is the bucketed KL plus the cross-entropy.
+    record = _run(pair, "ft_topk", samples=1, teacher_dtype="fp32")
+    assert record["config"]["distill_topk"] == 128
+    assert record["teacher_seconds"] > 0
+    from cmoe_carve.data import calibration_windows, resolve_text
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_text(str(pair / "train.txt"), purpose="calibration")
+    window = calibration_windows(byte_tokenizer(), source, 1, 16, 0)
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "dense").eval()
+    with torch.no_grad():
+        expected = _bucket_reference(load_carved(pair / "carved")(window).logits,
+                                     teacher(window).logits, window, 128, 1.0, 1.0)
+    assert record["losses"][0] == pytest.approx(expected.item(), rel=1e-3)
 
 
 def test_teacher_comes_from_the_carve_report_or_is_asked_for(pair, tmp_path):
@@ -170,6 +253,12 @@ def test_distill_options_need_distill():
         FinetuneConfig(teacher="x")
     with pytest.raises(FinetuneError, match="need --distill"):
         FinetuneConfig(distill_ce=1.0)
+    with pytest.raises(FinetuneError, match="need --distill"):
+        FinetuneConfig(distill_topk=64)
+    with pytest.raises(FinetuneError, match="--distill-topk"):
+        FinetuneConfig(distill=True, distill_topk=-1)
+    assert FinetuneConfig(distill=True).distill_topk == 128
+    assert FinetuneConfig().distill_topk == 0
     with pytest.raises(FinetuneError, match="--distill-ce"):
         FinetuneConfig(distill=True, distill_ce=-1.0)
     with pytest.raises(FinetuneError, match="--temperature"):
