@@ -172,30 +172,45 @@ class _SparseDistillLoss(torch.autograd.Function):
         for start in range(0, rows, LOSS_CHUNK_ROWS):
             part = slice(start, start + LOSS_CHUNK_ROWS)
             s = logits[part].float()
-            log_q = F.log_softmax(s / t, dim=-1)
-            q = log_q.exp()
+            log_q = F.log_softmax(s if t == 1.0 else s / t, dim=-1)
             lp, ix, lt = log_p[part].float(), ids[part], log_tail[part].float()
             p = lp.exp()
             p_tail = lt.exp()
-            log_q_top = log_q.gather(-1, ix)
-            # The student's tail mass from its own entries (same reason as in sparse_targets).
-            g = q.scatter(-1, ix, 0.0)
+            # The gradient is built in place in its own rows of `grad` (fp32 logits): q, then q
+            # with the top ids zeroed gives the student's tail mass from its own entries (as in
+            # sparse_targets), is then scaled row by row and gets the top ids' values.
+            g = grad[part] if grad.dtype == torch.float32 else torch.empty_like(log_q)
+            torch.exp(log_q, out=g)
+            q_top, log_q_top = g.gather(-1, ix), log_q.gather(-1, ix)
+            g.scatter_(-1, ix, 0.0)
             log_q_tail = g.sum(-1).clamp_min(torch.finfo(torch.float32).tiny).log()
             kd_sum += (p * (lp - log_q_top)).sum(dtype=torch.float64)
             kd_sum += (p_tail * (lt - log_q_tail)).sum(dtype=torch.float64)
-            g.mul_((1.0 - (lt - log_q_tail).exp())[:, None])
-            g.scatter_(-1, ix, q.gather(-1, ix) - p)
-            g.mul_(t / rows)
+            scale = t / rows
+            tail_coef = (1.0 - (lt - log_q_tail).exp()) * scale  # [r]
+            top_val = (q_top - p) * scale  # [r, k]
+            here = tgt = None
             if ce_weight and with_target:
-                log_q1 = log_q if t == 1.0 else F.log_softmax(s, dim=-1)
-                q1 = q if t == 1.0 else log_q1.exp()
                 here = valid[part].nonzero(as_tuple=True)[0]
                 tgt = targets[part][here]
-                ce_sum -= log_q1[here, tgt].sum(dtype=torch.float64)
                 w = ce_weight / with_target
-                g.index_add_(0, here, q1[here], alpha=w)
+            if here is not None and t == 1.0:
+                # d/ds of the mean cross-entropy, (q - one-hot) * w on rows with a target,
+                # folded into the same row scale and top values: no second pass over q.
+                ce_sum -= log_q[here, tgt].sum(dtype=torch.float64)
+                b = valid[part].to(g.dtype) * w
+                tail_coef += b
+                top_val += b[:, None] * q_top
+            g.mul_(tail_coef[:, None]).scatter_(-1, ix, top_val)
+            if here is not None and t == 1.0:
                 g[here, tgt] -= w
-            grad[part] = g.to(grad.dtype)
+            elif here is not None:
+                log_q1 = F.log_softmax(s, dim=-1)
+                ce_sum -= log_q1[here, tgt].sum(dtype=torch.float64)
+                g.index_add_(0, here, log_q1[here].exp(), alpha=w)
+                g[here, tgt] -= w
+            if g.data_ptr() != grad[part].data_ptr():
+                grad[part] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         loss = kd_sum * (t * t) / rows
         if ce_weight and with_target:

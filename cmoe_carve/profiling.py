@@ -65,22 +65,29 @@ def profile_layer(
     k_act: int,
     cosine: bool,
     down_norms: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> LayerProfile:
     """Profile one FFN on its calibration inputs x [N, D], chunked over tokens.
 
     With `down_norms` ([d_h], ||W_down[:, i]||), neurons are scored by their contribution
     |h_i| * ||W_down[:, i]|| (raw, not cosine, scores) and the contributions are kept.
+    scores: the raw `neuron_scores` of x [N, d_h] when the caller has them (only where raw
+    scores are what is profiled: contributions, or `cosine` off).
     """
+    if scores is not None and down_norms is None and cosine:
+        raise ValueError("precomputed scores are raw: cosine markers need their own")
     if k_act < 1 or k_act > w_gate.shape[0]:
         raise ValueError(f"k_act must be in [1, {w_gate.shape[0]}], got {k_act}")
     markers, contributions = [], []
     abs_sum = torch.zeros(w_gate.shape[0], dtype=torch.float64)
     for start in range(0, x.shape[0], _CHUNK):
         xc = x[start : start + _CHUNK]
-        if down_norms is None:
-            h = neuron_scores(xc, w_gate, w_up, act_fn, cosine)
+        if scores is not None:
+            h = scores[start : start + _CHUNK]
         else:
-            h = neuron_scores(xc, w_gate, w_up, act_fn, cosine=False).abs_() * down_norms.float()
+            h = neuron_scores(xc, w_gate, w_up, act_fn, cosine and down_norms is None)
+        if down_norms is not None:
+            h = h.abs() * down_norms.float()
             contributions.append(h.half().cpu())
         markers.append(activation_markers(h, k_act))
         abs_sum += h.abs().sum(0, dtype=torch.float64).cpu()

@@ -37,12 +37,38 @@ class RefitStats:
         z = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros(num_features, num_features, **z), torch.zeros(num_features, out_dim, **z))
 
-    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, features: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor | None = None,
+            block: int = 0) -> None:
         """features [c, F], targets [c, D]: products in fp32 (the chunk's own error is far below
-        the ridge), sums in fp64 (16k tokens of sums would lose digits in fp32)."""
+        the ridge), sums in fp64 (16k tokens of sums would lose digits in fp32).
+
+        ids [c, K] with block m: the features are E blocks of m, and token t's are zero outside
+        the blocks ids[t] names (the experts it uses; any features past E * m are dense). Each
+        block's rows of the Gram then come from the tokens that use it alone: at S2A2E16 a
+        token uses 4 of 16 experts, a quarter of the products of the dense f^T f."""
         f = features.float()
-        self.gram += (f.t() @ f).double()
-        self.cross += (f.t() @ targets.float()).double()
+        y = targets.float()
+        if ids is None or not block or f.shape[1] % block:
+            self.gram += (f.t() @ f).double()
+            self.cross += (f.t() @ y).double()
+            self.count += features.shape[0]
+            return
+        num_blocks = f.shape[1] // block
+        uses = torch.zeros(f.shape[0], num_blocks, dtype=torch.bool, device=f.device)
+        uses.scatter_(1, ids, True)
+        for e in range(num_blocks):
+            cols = slice(e * block, (e + 1) * block)
+            rows = uses[:, e]
+            if bool(rows.all()):
+                fe, fr, yr = f, f[:, cols], y
+            else:
+                where = rows.nonzero().squeeze(1)
+                if where.numel() == 0:
+                    continue
+                fe = f.index_select(0, where)
+                fr, yr = fe[:, cols], y.index_select(0, where)
+            self.gram[cols] += (fr.t() @ fe).double()
+            self.cross[cols] += (fr.t() @ yr).double()
         self.count += features.shape[0]
 
 
@@ -163,7 +189,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
             kept_feats.append(feats.float())
             kept_goals.append(goal.float())
         else:
-            stats.add(feats, goal)
+            stats.add(feats, goal, None if switches else ids, m)
     if prior is None:
         prior = down_rows(carved)
         if switches:

@@ -97,6 +97,25 @@ def test_features_keep_only_the_experts_a_token_uses():
     torch.testing.assert_close(feats[:, 12:], torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))
 
 
+def test_the_gram_from_the_experts_tokens_use_equals_the_dense_one():
+    # Blocks of the Gram built from only the tokens that use each expert (shared experts: all,
+    # one expert: nobody) must equal f^T f of the zero-filled features.
+    gen = torch.Generator().manual_seed(4)
+    c, num_experts, m, dim = 40, 5, 3, 6
+    hidden = torch.randn(c, num_experts, m, generator=gen)
+    routed = torch.stack([torch.randperm(3, generator=gen)[:2] + 1 for _ in range(c)])  # 4 unused
+    ids = torch.cat([torch.zeros(c, 1, dtype=torch.long), routed], dim=1)
+    gates = torch.rand(c, 3, generator=gen) + 0.5
+    feats = routed_features(hidden, ids, gates, num_shared=1, with_switches=False)
+    goal = torch.randn(c, dim, generator=gen)
+    dense, blocked = RefitStats.empty(num_experts * m, dim), RefitStats.empty(num_experts * m, dim)
+    dense.add(feats, goal)
+    blocked.add(feats, goal, ids, m)
+    torch.testing.assert_close(blocked.gram, dense.gram)
+    torch.testing.assert_close(blocked.cross, dense.cross)
+    assert blocked.count == dense.count == c
+
+
 def _carved_layer(compensate: bool):
     """One carved FFN of a tiny Llama (S1A2E8: 1 shared + 2 of 7 routed) and FFN inputs for it."""
     model = tiny_model("llama")
