@@ -98,15 +98,47 @@ def solve_refit(stats: RefitStats, prior: torch.Tensor, ridge: float) -> torch.T
     activations and 0/1 switches differ by orders of magnitude) and a feature no token uses
     keeps its prior exactly.
     """
-    gram = stats.gram.clone()
-    diag = gram.diagonal()
-    lam = ridge * (diag + diag.mean().clamp_min(1e-30))
-    diag.add_(lam)
-    rhs = stats.cross + lam[:, None] * prior.double()
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if info.item() == 0:
-        return torch.cholesky_solve(rhs, chol)
-    return torch.linalg.lstsq(gram, rhs).solution  # semi-definite in floating point: rare
+    return RidgeSystem.of(stats, prior).solve(ridge)
+
+
+# The smallest ridge solved in fp32 (RIDGE_CHOICES start at 0.01).
+FP32_RIDGE = 1e-3
+
+
+@dataclass
+class RidgeSystem:
+    """The normal equations of `solve_refit` scaled by s_i = sqrt(gram[i, i] + mean energy),
+    built once for all the ridges a layer tries: (G / s s^T + ridge I) z = c / s + ridge s prior,
+    W = z / s. Scaled, the matrix has a unit-bounded diagonal and eigenvalues of at least the
+    ridge (>= 0.01 relative), so its Cholesky factor in fp32 loses about 1e-3 of W at worst, far
+    below the fit's own error, at twice the fp64 speed (4 ridges x 30 layers: 13 s of SmolLM2's
+    carve in fp64)."""
+
+    scaled: torch.Tensor  # [F, F] fp32: gram / s s^T
+    cross: torch.Tensor  # [F, D] fp32: cross / s
+    prior: torch.Tensor  # [F, D] fp32: prior * s
+    scale: torch.Tensor  # [F] fp64: s
+
+    @classmethod
+    def of(cls, stats: RefitStats, prior: torch.Tensor) -> "RidgeSystem":
+        diag = stats.gram.diagonal()
+        scale = (diag + diag.mean().clamp_min(1e-30)).sqrt()
+        scaled = (stats.gram / scale[:, None] / scale[None, :]).float()
+        return cls(scaled, (stats.cross / scale[:, None]).float(),
+                   (prior.double() * scale[:, None]).float(), scale)
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        # Below FP32_RIDGE the conditioning bound no longer holds: fp64 there.
+        dtype = torch.float32 if ridge >= FP32_RIDGE else torch.float64
+        matrix = self.scaled.to(dtype, copy=True)
+        matrix.diagonal().add_(ridge)
+        rhs = self.cross.to(dtype) + ridge * self.prior.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        if info.item() == 0:
+            z = torch.cholesky_solve(rhs, chol)
+        else:  # semi-definite in floating point: rare
+            z = torch.linalg.lstsq(matrix.double(), rhs.double()).solution
+        return (z.double() / self.scale[:, None]).float()
 
 
 def solve_refit_dual(features: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
@@ -165,7 +197,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
     S2A2E16 its held-out error at layer 11 rose from 0.02 to 0.90, and perplexity (8 WikiText-2
     windows) went from 116 to 32,984.
     """
-    ridges = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
+    ridges = (ridge,) if isinstance(ridge, (int, float)) else tuple(sorted(ridge))
     if len(ridges) > 1 and score is None:
         raise ValueError("several ridges need a score to choose between them")
     num_experts, dim, m = carved.down_proj.shape
@@ -199,7 +231,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
         del kept_feats, kept_goals
         solve = lambda lam: solve_refit_dual(feats_all, goals_all, prior, lam)  # noqa: E731
     else:
-        solve = lambda lam: solve_refit(stats, prior, lam).float()  # noqa: E731
+        solve = RidgeSystem.of(stats, prior).solve
 
     def install(solution):
         set_down_rows(carved, solution[: num_experts * m])
@@ -214,14 +246,46 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
         entry = torch.cat([entry, carved.expert_bias.float()])
     best, best_score = None, score()  # None: the weights as they came
     solution = entry
-    for lam in ridges:
-        candidate = solve(lam)
+
+    def evaluate(index: int) -> float:
+        nonlocal best, best_score, solution
+        candidate = solve(ridges[index])
         install(candidate)
         value = score()
         if value < best_score:
-            best, best_score, solution = lam, value, candidate
+            best, best_score, solution = ridges[index], value, candidate
+        return value
+
+    walk_ridges(len(ridges), evaluate)
     install(solution)
     return prior, best
+
+
+def walk_ridges(count: int, evaluate) -> None:
+    """Search a sorted grid of `count` ridges for the lowest `evaluate(index)`, assuming the
+    held-out error falls then rises along it: start at RIDGE_START and its upper neighbour,
+    then walk toward the better side while the error keeps falling. On SmolLM2 the error was
+    unimodal in every layer, and this scores 3 of the 4 ridges (a solve and a held-out
+    forward each) where trying all would score 4."""
+    if count <= 2:
+        for index in range(count):
+            evaluate(index)
+        return
+    low = min(RIDGE_START, count - 2)
+    here, above = evaluate(low), evaluate(low + 1)
+    if above < here:
+        index, step, last = low + 1, 1, above
+    else:
+        index, step, last = low, -1, here
+    while 0 <= index + step < count:
+        value = evaluate(index + step)
+        if value >= last:
+            return
+        index, last = index + step, value
+
+
+# Where `walk_ridges` starts: 0.03, the ridge most SmolLM2 layers chose (19 of 30 at S2A2E16).
+RIDGE_START = 1
 
 
 def down_rows(carved) -> torch.Tensor:

@@ -9,7 +9,8 @@ from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.errors import ModelError, SpecError
 from cmoe_carve.modeling_cmoe import CarvedMLP
 from cmoe_carve.refit import (
-    RefitStats, down_rows, refit_down, routed_features, solve_refit, solve_refit_dual,
+    RIDGE_CHOICES, RefitStats, down_rows, refit_down, routed_features, solve_refit, solve_refit_dual,
+    walk_ridges,
 )
 from tiny_models import FAMILIES, calib_ids, tiny_model
 
@@ -39,7 +40,27 @@ def test_solve_matches_the_normal_equations_of_the_ridge_problem():
     gram = features.t() @ features
     lam = ridge * (gram.diagonal() + gram.diagonal().mean())
     expected = torch.linalg.solve(gram + torch.diag(lam), features.t() @ targets + lam[:, None] * prior)
-    torch.testing.assert_close(solve_refit(_stats(features, targets), prior, ridge), expected)
+    # Solved in fp32 at the carve's ridges (scaled, see RidgeSystem): fp32 agreement.
+    torch.testing.assert_close(solve_refit(_stats(features, targets), prior, ridge).double(),
+                               expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp32_solve_keeps_fp64_accuracy_on_correlated_features_at_the_smallest_ridge():
+    # Experts' activations are strongly correlated (a neuron's group fires together): a
+    # near-collinear Gram at the grid's smallest ridge must still give fp64's W within 1e-3.
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(4000, 8, generator=gen, dtype=torch.float64)
+    mix = torch.randn(8, 200, generator=gen, dtype=torch.float64)
+    features = (base @ mix + 1e-3 * torch.randn(4000, 200, generator=gen, dtype=torch.float64))
+    features *= torch.logspace(-2, 2, 200, dtype=torch.float64)
+    targets = features @ torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    prior = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    ridge = RIDGE_CHOICES[0]
+    gram = features.t() @ features
+    lam = ridge * (gram.diagonal() + gram.diagonal().mean())
+    expected = torch.linalg.solve(gram + torch.diag(lam), features.t() @ targets + lam[:, None] * prior)
+    got = solve_refit(_stats(features, targets), prior, ridge).double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-3
 
 
 @pytest.mark.parametrize("tokens", [5, 30, 59])
@@ -314,3 +335,25 @@ def test_shared_hidden_activations_carve_what_recomputing_them_carves(monkeypatc
         for name in ("down_proj", "expert_bias"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.router.gate_weight, b.router.gate_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("errors, best", [
+    ([5.0, 4.0, 3.0, 2.0], 3),  # falling all along: walks up to the largest ridge
+    ([1.0, 2.0, 3.0, 4.0], 0),  # rising: walks down to the smallest
+    ([3.0, 2.0, 2.5, 4.0], 1),  # the start is the minimum
+    ([4.0, 3.0, 2.0, 2.5], 2),  # one step up
+    ([7.0], 0),
+    ([2.0, 1.0], 1),
+])
+def test_walk_ridges_finds_the_minimum_of_a_unimodal_grid_scoring_fewer_ridges(errors, best):
+    scored = []
+
+    def evaluate(index):
+        scored.append(index)
+        return errors[index]
+
+    walk_ridges(len(errors), evaluate)
+    assert min(scored, key=errors.__getitem__) == best
+    assert len(set(scored)) == len(scored)  # no ridge solved twice
+    if len(errors) == 4:
+        assert len(scored) <= 3  # never all four: the walk stops once the error rises again
