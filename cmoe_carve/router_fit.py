@@ -76,13 +76,14 @@ def fit_linear_router(
     x = x.double()
     t = targets.double()
     x_mean, t_mean = x.mean(0), t.mean(0)
-    # Centred in fp64, multiplied in fp32, summed back in fp64: the products' own error (1e-7
-    # relative) is far below the ridge, and fp64 products took 5 s of a 134 s SmolLM2 carve.
-    xc, tc = (x - x_mean).float(), (t - t_mean).float()
-    gram = (xc.t() @ xc).double()  # [D, D]
+    # Products in fp64, not fp32: fp32 accumulation made the router a chaotic function of 1-ulp
+    # changes in its inputs (a batched and a one-call carve differed by 2e-5 in its weights, 20x
+    # more than in fp64), for 2 s of a 130 s SmolLM2 carve.
+    xc, tc = x - x_mean, t - t_mean
+    gram = xc.t() @ xc  # [D, D]
     lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(lam)
-    weight = torch.linalg.solve(gram, (xc.t() @ tc).double()).t()  # [E, D]
+    weight = torch.linalg.solve(gram, xc.t() @ tc).t()  # [E, D]
     intercept = t_mean - weight @ x_mean
     return weight.float(), intercept.float()
 
