@@ -32,6 +32,9 @@ import torch
 OFF = dict(compensate=False, adaptive=False, balance=False)
 VARIANTS = {
     "default": dict(),  # contribution grouping, fitted router, refit with the ridge on auto
+    "ffn-target": dict(refit_target="ffn"),  # targets: the dense FFN on the carved stream
+    "no-held-out-join": dict(held_out_fits=False),  # the final solve on the fit tokens alone
+    "session-10": dict(refit_target="ffn", held_out_fits=False),  # the default before stream
     "ridge-0.01": dict(refit_ridge=0.01),
     "ridge-0.1": dict(refit_ridge=0.1),
     "markers": dict(grouping="markers"),

@@ -57,9 +57,10 @@ def carve_command(
         "fixed.",
     ),
     refit_target: str = typer.Option(
-        "ffn",
+        "auto",
         help="What the refit reproduces: stream (the dense model's own hidden states after each "
-        "layer) or ffn (the dense FFN on the carved model's stream).",
+        "layer), ffn (the dense FFN on the carved model's stream), or auto (stream where the "
+        "model adds its FFN output straight to the residual stream, else ffn).",
     ),
     refit_ridge: str = typer.Option(
         "auto",

@@ -48,8 +48,7 @@ def capture_ffn_residual(layer: nn.Module, mids: list):
     (one tensor per layer call), for layers whose output is that residual plus the FFN's output (Llama, Mistral,
     Qwen): a forward pre-hook on `post_attention_layernorm`. Gemma's FFN output passes through
     one more norm, so stream targets are not linear in its down projections."""
-    norm = getattr(layer, "post_attention_layernorm", None)
-    if norm is None or hasattr(layer, "post_feedforward_layernorm"):
+    if not adds_ffn_to_stream(layer):
         raise ModelError(
             f"{type(layer).__name__} does not add its FFN output straight to the residual "
             "stream: use --refit-target ffn for this model"
@@ -58,7 +57,14 @@ def capture_ffn_residual(layer: nn.Module, mids: list):
     def hook(_module, args):
         mids.append(args[0].detach())
 
-    return norm.register_forward_pre_hook(hook)
+    return layer.post_attention_layernorm.register_forward_pre_hook(hook)
+
+
+def adds_ffn_to_stream(layer: nn.Module) -> bool:
+    """Whether the layer's output is the residual before its FFN plus the FFN's output, the
+    form stream targets need (Llama, Mistral, Qwen; not Gemma, whose FFN output is normed)."""
+    return (getattr(layer, "post_attention_layernorm", None) is not None
+            and not hasattr(layer, "post_feedforward_layernorm"))
 
 
 def first_output(out):

@@ -180,7 +180,7 @@ RIDGE_CHOICES = (0.01, 0.03, 0.1, 0.3)
 @torch.no_grad()
 def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
                prior: torch.Tensor | None = None, fit_compensation: bool = False,
-               score=None, hidden=None):
+               score=None, hidden=None, extra=None):
     """Least-squares down projections for the routing as it is now: x [T, D] FFN inputs,
     target [T, D] what the FFN should output for them. The ridge pulls toward `prior` [F, D]
     (default: the current weights). Returns (prior, ridge used). hidden: every expert's hidden
@@ -257,6 +257,20 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
         return value
 
     walk_ridges(len(ridges), evaluate)
+    if best is not None and extra is not None and not dual and not switches:
+        # The ridge chosen, the held-out tokens join the fit for the final solve.
+        x_more, t_more, h_more = extra
+        for i, start in enumerate(range(0, x_more.shape[0], CHUNK)):
+            xs = x_more[start : start + CHUNK]
+            ids, gates, _ = carved.route(xs)
+            h = h_more[i] if h_more is not None else expert_hidden(xs, carved.gate_up_proj, carved.act_fn)
+            goal = t_more[start : start + CHUNK]
+            if carved.compensate:
+                top = ids[:, carved.num_shared :] - carved.num_shared
+                bias = carved.expert_bias.float()
+                goal = goal - (bias.sum(0) - bias[top].sum(1))
+            stats.add(routed_features(h, ids, gates, carved.num_shared, False), goal, ids, m)
+        solution = RidgeSystem.of(stats, prior).solve(best)
     install(solution)
     return prior, best
 

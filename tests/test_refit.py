@@ -234,6 +234,35 @@ def test_several_ridges_keep_the_solution_that_scores_best():
         refit_down(layer, x[fit], target[fit], (0.1, 1.0))
 
 
+def test_held_out_tokens_join_the_final_solve_at_the_ridge_they_chose():
+    # `extra`: the held-out rows choose the ridge, then the weights are the solve over fit and
+    # held-out rows together at that ridge, as one refit of all rows at that ridge gives.
+    carved, x = _carved_layer(False)
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randn(x.shape[0], carved.hidden_size, generator=gen)
+    fit, held = slice(0, 200), slice(200, None)
+    layer = copy.deepcopy(carved)
+    score = lambda: (layer(x[held]).float() - target[held]).pow(2).sum().item()  # noqa: E731
+    _, chosen = refit_down(layer, x[fit], target[fit], (1e-2, 1e-1, 1.0), score=score)
+    alone = layer.down_proj.detach().clone()
+    layer = copy.deepcopy(carved)
+    _, again = refit_down(layer, x[fit], target[fit], (1e-2, 1e-1, 1.0), score=score,
+                          extra=(x[held], target[held], None))
+    assert again == chosen is not None
+    every = copy.deepcopy(carved)
+    refit_down(every, x, target, chosen)
+    torch.testing.assert_close(layer.down_proj.detach(), every.down_proj.detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(layer.down_proj.detach(), alone, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,target", [("llama", "stream"), ("qwen3", "stream"), ("gemma2", "ffn")])
+def test_the_automatic_refit_target_is_stream_where_the_ffn_adds_to_the_stream(family, target):
+    result = carve_model(tiny_model(family), calib_ids(), CarveConfig(spec="S2A2E8", k_act=5),
+                         progress=False)
+    assert result.config.refit_target == target
+    assert result.cmoe["refit_target"] == target
+
+
 def test_the_default_ridge_is_chosen_per_layer_from_the_choices():
     from cmoe_carve.refit import RIDGE_CHOICES
 
