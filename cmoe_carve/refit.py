@@ -208,15 +208,7 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
     stats = None if dual else RefitStats.empty(num_features, dim, device=x.device)
     kept_feats, kept_goals = [], []
     for i, start in enumerate(range(0, x.shape[0], CHUNK)):
-        xs = x[start : start + CHUNK]
-        ids, gates, _ = carved.route(xs)
-        h = hidden[i] if hidden is not None else expert_hidden(xs, carved.gate_up_proj, carved.act_fn)
-        feats = routed_features(h, ids, gates, carved.num_shared, switches)
-        goal = target[start : start + CHUNK]
-        if carved.compensate and not switches:
-            top = ids[:, carved.num_shared :] - carved.num_shared  # [c, k] routed experts used
-            bias = carved.expert_bias.float()
-            goal = goal - (bias.sum(0) - bias[top].sum(1))  # the compensation it will add
+        feats, goal, ids = _chunk_rows(carved, x, target, hidden, i, start, switches)
         if dual:
             kept_feats.append(feats.float())
             kept_goals.append(goal.float())
@@ -261,18 +253,25 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
         # The ridge chosen, the held-out tokens join the fit for the final solve.
         x_more, t_more, h_more = extra
         for i, start in enumerate(range(0, x_more.shape[0], CHUNK)):
-            xs = x_more[start : start + CHUNK]
-            ids, gates, _ = carved.route(xs)
-            h = h_more[i] if h_more is not None else expert_hidden(xs, carved.gate_up_proj, carved.act_fn)
-            goal = t_more[start : start + CHUNK]
-            if carved.compensate:
-                top = ids[:, carved.num_shared :] - carved.num_shared
-                bias = carved.expert_bias.float()
-                goal = goal - (bias.sum(0) - bias[top].sum(1))
-            stats.add(routed_features(h, ids, gates, carved.num_shared, False), goal, ids, m)
+            feats, goal, ids = _chunk_rows(carved, x_more, t_more, h_more, i, start, False)
+            stats.add(feats, goal, ids, m)
         solution = RidgeSystem.of(stats, prior).solve(best)
     install(solution)
     return prior, best
+
+
+def _chunk_rows(carved, x, target, hidden, i, start, switches):
+    """The refit's features, targets and expert ids for chunk i (rows start..start+CHUNK)."""
+    xs = x[start : start + CHUNK]
+    ids, gates, _ = carved.route(xs)
+    h = hidden[i] if hidden is not None else expert_hidden(xs, carved.gate_up_proj, carved.act_fn)
+    feats = routed_features(h, ids, gates, carved.num_shared, switches)
+    goal = target[start : start + CHUNK]
+    if carved.compensate and not switches:
+        top = ids[:, carved.num_shared :] - carved.num_shared  # [c, k] routed experts used
+        bias = carved.expert_bias.float()
+        goal = goal - (bias.sum(0) - bias[top].sum(1))  # the compensation it will add
+    return feats, goal, ids
 
 
 def walk_ridges(count: int, evaluate) -> None:
