@@ -101,7 +101,7 @@ class CarveConfig:
         },
     )
     # auto (stream where the FFN adds straight to the residual stream, else ffn): on SmolLM2,
-    # stream targets gave WikiText-2 84.22 against 95.54 at S2A2E16 and 30.67 against 31.15 at
+    # stream targets gave WikiText-2 84.22 against 95.55 at S2A2E16 and 30.67 against 31.15 at
     # S3A3E8 (32 windows, benchmarks/ablation_carve.md), at one more dense layer per layer.
     refit_target: str = field(
         default="auto",
@@ -112,7 +112,7 @@ class CarveConfig:
             "the residual stream (Llama, Mistral, Qwen), else ffn (Gemma)"
         },
     )
-    # On SmolLM2 (32 windows): 84.22 -> 81.28 at S2A2E16 and 30.67 -> 30.19 at S3A3E8.
+    # On SmolLM2 (32 windows, stream targets): 84.22 -> 81.26 at S2A2E16, 30.67 -> 30.19 at S3A3E8.
     held_out_fits: bool = field(
         default=True,
         metadata={

@@ -191,6 +191,11 @@ def refit_down(carved, x: torch.Tensor, target: torch.Tensor, ridge,
     best of the solutions and the weights as they came stays (ridge None: those won), so one
     ridge with a score is a guarded refit.
 
+    extra (x, target, hidden) of more rows (e.g. the held-out ones `score` measures): once a
+    ridge has won, they join the sums for one last solve at that ridge, as if refitted with
+    the fit rows at that ridge alone. Not used on the dual path or with fitted switches, nor when
+    the weights as they came won.
+
     A carved FFN with compensation keeps its left-out biases as fixed offsets (subtracted from
     the targets), unless `fit_compensation` fits them jointly as the switches' weights. Joint
     fitting lowers the error on the calibration tokens but generalises badly: on SmolLM2 at
