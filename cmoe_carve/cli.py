@@ -25,6 +25,9 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from .memory_reuse import reuse_freed_memory
+
+        reuse_freed_memory()  # every command makes large tensors: see memory_reuse
         if kwargs.get("progress") is False:  # --no-progress: transformers' loading bars too
             from transformers.utils import logging as hf_logging
 

@@ -45,7 +45,9 @@ def carve(
     memory); auto does so when the weights would not fit comfortably; off loads the whole model.
     """
     from .data import resolve_text
+    from .memory_reuse import reuse_freed_memory
 
+    reuse_freed_memory()  # 1.6x faster on SmolLM2: see memory_reuse
     config = config or CarveConfig()
     if calib_samples < 1 or seqlen < 2:
         raise DataError("--calib-samples must be >= 1 and --seqlen >= 2")
