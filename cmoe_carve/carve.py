@@ -112,6 +112,14 @@ class CarveConfig:
             "the residual stream (Llama, Mistral, Qwen), else ffn (Gemma)"
         },
     )
+    stream_mix: float = field(
+        default=0.5,
+        metadata={
+            "help": "with stream targets, the weight of the dense stream's goal in the refit's "
+            "target, the rest being the dense FFN's output on the carved stream (1: the stream "
+            "alone)"
+        },
+    )
     # On SmolLM2 (32 windows, stream targets): 84.22 -> 81.26 at S2A2E16, 30.67 -> 30.19 at S3A3E8.
     held_out_fits: bool = field(
         default=True,
@@ -159,6 +167,8 @@ class CarveConfig:
             raise SpecError(
                 f"unknown --refit-target {self.refit_target!r}: use one of {', '.join(REFIT_TARGETS)}"
             )
+        if not 0.0 <= self.stream_mix <= 1.0:  # nan too
+            raise SpecError(f"--stream-mix must be between 0 and 1, got {self.stream_mix}")
         if self.refit_ridge is not None and not self.refit_ridge > 0:  # nan too
             raise SpecError(f"--refit-ridge must be positive, got {self.refit_ridge}")
         if self.router not in ROUTERS:

@@ -62,6 +62,11 @@ def carve_command(
         "layer), ffn (the dense FFN on the carved model's stream), or auto (stream where the "
         "model adds its FFN output straight to the residual stream, else ffn).",
     ),
+    stream_mix: float = typer.Option(
+        0.5,
+        help="With stream targets, the weight of the dense stream in the refit's target; the "
+        "rest is the dense FFN's output on the carved stream (1: the stream alone).",
+    ),
     refit_ridge: str = typer.Option(
         "auto",
         help="Ridge of the refit toward the carved weights: a positive number, or auto (chosen "
@@ -122,6 +127,7 @@ def carve_command(
         balance=balance,
         refit=refit,
         refit_target=refit_target,
+        stream_mix=stream_mix,
         refit_ridge=_ridge(refit_ridge),
         neuron_keep=neuron_keep,
         shared_neuron_keep=shared_neuron_keep,
