@@ -32,6 +32,7 @@ import torch
 OFF = dict(compensate=False, adaptive=False, balance=False)
 VARIANTS = {
     "default": dict(),  # contribution grouping, fitted router, refit with the ridge on auto
+    "stream-mix-1": dict(stream_mix=1.0),  # the stream goal alone (the default of session 10)
     "ffn-target": dict(refit_target="ffn"),  # targets: the dense FFN on the carved stream
     "no-held-out-join": dict(held_out_fits=False),  # the final solve on the fit tokens alone
     "session-10": dict(refit_target="ffn", held_out_fits=False),  # the default before stream
