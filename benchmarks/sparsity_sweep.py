@@ -21,6 +21,7 @@ from cmoe_carve.carve import CarveConfig, carve_model
 from cmoe_carve.data import calibration_windows, eval_windows, resolve_text
 from cmoe_carve.evaluate import perplexity
 from cmoe_carve.loading import load_model
+from cmoe_carve.memory_reuse import reuse_freed_memory
 from cmoe_carve.spec import parse_spec
 
 # The official CMoE code on SmolLM2-135M, WikiText-2 test, as measured in this project's
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--finetuned", nargs="*", default=[], help="SPEC=PPL points to add")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/sparsity_sweep"))
     args = parser.parse_args()
+    reuse_freed_memory()  # as every cmoe command does: 1.6x faster carves
 
     data = Path(args.data_dir)
     loaded = load_model(None)

@@ -169,7 +169,7 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         if stream_goal is None:
             target, t_held = dense_fit, dense_held
         else:
-            # Half each on SmolLM2: S2A2E16 81.26 -> 76.66, S3A3E8 30.19 -> 30.06 (the stream
+            # Half each on SmolLM2: S2A2E16 80.85 -> 76.66, S3A3E8 30.31 -> 30.06 (the stream
             # alone asks the FFN to undo all of attention's drift too, which it can only partly).
             target = _blend(stream_goal(fit_rows), dense_fit, mix)
             t_held = _blend(stream_goal(held), dense_held, mix)
