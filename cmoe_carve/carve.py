@@ -291,8 +291,10 @@ def carve_model(
         target = "stream" if adds_ffn_to_stream(layers[0]) else "ffn"
         config = dataclasses.replace(config, refit_target=target)
         log.info("refit target: %s", target)
-    # Stream targets need the dense model's own hidden states, carried beside the carved ones.
-    dense_hidden = hidden if config.refit and config.refit_target == "stream" else None
+    # Stream targets need the dense model's own hidden states, carried beside the carved ones
+    # (not at --stream-mix 0, whose target is the dense FFN's output alone).
+    streams = config.refit and config.refit_target == "stream" and config.stream_mix > 0
+    dense_hidden = hidden if streams else None
 
     reports: list[LayerReport] = []
     layer_costs: list[torch.Tensor] = []

@@ -6,7 +6,7 @@ activations, Gram chunks: tens to hundreds of MB, thousands per carve) is paid a
 faults as its pages are first touched. On SmolLM2's default carve that was 20.5 million minor
 faults and 78 s of system time; with large allocations kept on the heap and the heap not trimmed,
 0.66 million faults, and the carve took 112.2 s instead of 179.5 s (same process, same result,
-2-core Xeon), for a peak resident size of 3.24 GB instead of 2.67 GB: freed memory is reused,
+2-core AMD EPYC), for a peak resident size of 3.24 GB instead of 2.67 GB: freed memory is reused,
 not returned. This is what jemalloc or tcmalloc preloading does for PyTorch on CPUs, without
 either installed.
 """

@@ -1,5 +1,6 @@
 """The malloc tuning of memory_reuse: freed large tensors are reused without new page faults."""
 
+import os
 import resource
 import subprocess
 import sys
@@ -46,9 +47,7 @@ def test_tuned_malloc_reuses_freed_tensors_without_page_faults():
     assert tuned < pages // 4  # the freed heap memory is reused (0-25k of 164k here)
 
 
-def test_env_switch_leaves_malloc_alone(monkeypatch):
-    import os
-
+def test_env_switch_leaves_malloc_alone():
     env = {**os.environ, "CMOE_REUSE_MEMORY": "0"}
     applied, _ = _faults("tuned", env)
     assert applied == "False"

@@ -334,6 +334,17 @@ def test_stream_mix_fits_the_blend_of_the_two_targets():
     assert not torch.allclose(downs[0.0], downs[1.0], rtol=1e-2, atol=1e-4)
 
 
+def test_stream_mix_0_is_the_ffn_target():
+    downs = []
+    for options in (dict(refit_target="ffn"), dict(refit_target="stream", stream_mix=0.0)):
+        model = tiny_model("llama")
+        carve_model(model, calib_ids(), CarveConfig(spec="S2A2E8", k_act=5, **options),
+                    progress=False)
+        downs.append([m.down_proj.detach() for m in model.modules() if isinstance(m, CarvedMLP)])
+    for ffn, mixed in zip(*downs):
+        assert torch.equal(ffn, mixed)
+
+
 def test_refit_options_are_validated():
     with pytest.raises(SpecError, match="--refit-target"):
         CarveConfig(refit_target="teacher")
