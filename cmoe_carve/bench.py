@@ -26,35 +26,48 @@ reported, with the spread of the samples and the load average before and after.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import gc
-import inspect
 import logging
 import os
-import platform
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import CmoeError
-from .modeling_cmoe import find_gated_mlps
+from .bench_ffn import (
+    carved_ffn_backend,
+    ffn_bytes_per_token,
+    ffn_modules,
+    is_carved_mlp,
+    per_expert_loop_installed,
+)
+from .bench_report import (
+    LOOP_LABEL,
+    METRIC_KINDS,
+    BenchReport,
+    Metric,
+    load_average,
+    machine_info,
+    model_info,
+)
+from .bench_runs import DecodeSample, PrefillSample, decode_once, prefill_once, prompt_ids
+from .errors import BenchError
 from .progress import progress_bar
+
+# Re-exported: the names callers and tests use from `cmoe_carve.bench`.
+__all__ = [
+    "DEFAULT_MODEL_REF", "LOOP_LABEL", "BenchConfig", "BenchError", "BenchModel", "BenchReport",
+    "Metric", "bench", "carved_ffn_backend", "decode_once", "ffn_modules", "is_carved_mlp",
+    "load_bench_models", "per_expert_loop_installed", "prefill_once", "profile_decode",
+    "prompt_ids", "run_bench",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_REF = "default"  # names the built-in default where None cannot be passed (CLI)
-
-
-class BenchError(CmoeError):
-    """Benchmark options or models that cannot be measured as asked."""
 
 
 @dataclass
@@ -116,560 +129,6 @@ class BenchModel:
     model: nn.Module
     description: str
     tokenizer: object | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# The FFN modules of a model, and the official per-expert loop swapped into a carved one
-
-
-def is_carved_mlp(module: nn.Module) -> bool:
-    """A CarvedMLP, whether from this package or from a checkpoint's remote code."""
-    return all(hasattr(module, a) for a in ("route", "gate_up_proj", "down_proj", "router"))
-
-
-def ffn_modules(model: nn.Module) -> list[nn.Module]:
-    """Every FFN of the model in order: carved MLPs and dense gated MLPs."""
-    dense = {id(m) for _, m in find_gated_mlps(model)}
-    found = [m for m in model.modules() if is_carved_mlp(m) or id(m) in dense]
-    if not found:
-        raise BenchError(
-            f"{type(model).__name__} has no gated or carved MLP to time: expected modules with "
-            "gate_proj/up_proj/down_proj/act_fn (dense) or gate_up_proj/down_proj/route (carved)"
-        )
-    return found
-
-
-def carved_ffn_backend(model: nn.Module) -> str | None:
-    """Which implementation runs the carved model's experts; None for a dense model."""
-    carved = [m for m in model.modules() if is_carved_mlp(m)]
-    if not carved:
-        return None
-    module = sys.modules.get(type(carved[0]).__module__)
-    if getattr(module, "_fast_carved_ffn", None) is None:
-        return "plain PyTorch of modeling_cmoe (cmoe_kernels not importable)"
-    import cmoe_kernels
-
-    probe = carved[0].gate_up_proj.new_zeros(1, carved[0].hidden_size)
-    try:
-        backend = cmoe_kernels.kernel_backend(probe)
-    except (RuntimeError, ValueError) as err:
-        backend = f"unusable: {err}"
-    fused = getattr(module, "_cpu_decode", None)
-    if fused is not None and fused.applies(probe):
-        limit = getattr(module, "_CPU_FUSED_TOKENS", "a few")
-        return (
-            f"fused CPU decode step up to {limit} tokens, cmoe_kernels.carved_ffn ({backend}) "
-            "above"
-        )
-    return f"cmoe_kernels.carved_ffn ({backend})"
-
-
-def _kernel_activation(module: nn.Module) -> str:
-    from .modeling_cmoe import _KERNEL_ACTIVATIONS
-
-    try:
-        return _KERNEL_ACTIVATIONS[module.activation]
-    except KeyError:
-        raise BenchError(
-            f"the per-expert loop baseline has no kernel for activation {module.activation!r}: "
-            "run with --no-loop-baseline"
-        ) from None
-
-
-def _per_expert_loop_experts(
-    self: nn.Module, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
-) -> torch.Tensor:
-    """CarvedMLP.experts with the official CMoE combine in place of our kernels."""
-    from cmoe_kernels import per_expert_loop
-
-    return per_expert_loop(x, self.gate_up_proj, self.down_proj, ids, gates, _kernel_activation(self))
-
-
-@contextlib.contextmanager
-def per_expert_loop_installed(model: nn.Module) -> Iterator[nn.Module]:
-    """The carved model with every CarvedMLP running the official per-expert loop, restored
-    after."""
-    carved = [m for m in model.modules() if is_carved_mlp(m)]
-    if not carved:
-        raise BenchError("the per-expert loop baseline needs a carved model")
-    for module in carved:
-        _kernel_activation(module)  # fail before patching anything
-    try:
-        for module in carved:
-            module.experts = types.MethodType(_per_expert_loop_experts, module)
-        yield model
-    finally:
-        for module in carved:
-            module.__dict__.pop("experts", None)  # the class's experts again
-
-
-# ----------------------------------------------------------------------------------------------
-# Clocks: device sync, the per-token stamps of generate(), FFN hooks, peak memory
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No garbage collection inside a timed region (collected just before it)."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _token_clock(device: torch.device):
-    """A stopping criterion that never stops and stamps the time at which each token exists."""
-    from transformers import StoppingCriteria
-
-    class TokenClock(StoppingCriteria):
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-            _sync(device)
-            self.stamps.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    return TokenClock()
-
-
-class FfnTimer:
-    """Forward hooks around FFN modules, summing the time of decode calls (one position each).
-
-    CPU: perf_counter around each call (torch on CPU is synchronous). CUDA: events, read at exit.
-    Cost: two Python hooks per FFN call, a few microseconds against a millisecond-scale token.
-    """
-
-    def __init__(
-        self,
-        modules: list[nn.Module],
-        device: torch.device,
-        counts: Callable[[tuple, dict], bool] | None = None,
-    ):
-        self.modules, self.device = modules, device
-        self.counts = counts or self._is_decode  # which calls to time, from their inputs
-        self.seconds, self.calls = 0.0, 0
-        self._handles: list = []
-        self._start: float | torch.cuda.Event | None = None
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    @staticmethod
-    def _is_decode(args: tuple, kwargs: dict) -> bool:
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-2] == 1
-
-    @property
-    def in_call(self) -> bool:
-        """Whether a timed call is running now (for nested timers)."""
-        return self._start is not None
-
-    def _pre(self, module, args, kwargs) -> None:
-        if not self.counts(args, kwargs):
-            self._start = None
-        elif self.device.type == "cuda":
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output) -> None:
-        if self._start is None:
-            return
-        if self.device.type == "cuda":
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((self._start, end))
-        else:
-            self.seconds += time.perf_counter() - self._start
-        self.calls += 1
-        self._start = None
-
-    def __enter__(self) -> FfnTimer:
-        for module in self.modules:
-            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._events:
-            _sync(self.device)
-            self.seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
-            self._events.clear()
-
-
-def _rss_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process in bytes (Linux), {} elsewhere."""
-    values = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, number, _unit = line.split()
-                    values[key.rstrip(":")] = int(number) * 1024
-    except OSError:
-        pass
-    return values
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    """Hand glibc's free heap back to the OS, so that a run's RSS peak counts its own allocations
-    rather than whatever the previous run left in malloc's free lists."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class PeakMemory:
-    """Peak memory of a region above what was in use when it began, in bytes (None: unknown).
-
-    CPU: RSS high-water mark after a reset, minus RSS at the start (Linux only); approximate,
-    since the allocator may serve a run from memory it already holds. CUDA: max_memory_allocated.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.bytes: int | None = None
-        self._base = 0
-        self._tracking = False
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self._tracking = True
-        else:
-            _malloc_trim()
-            self._tracking = _reset_rss_peak()
-            self._base = _rss_status().get("VmRSS", 0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._tracking:
-            return
-        if self.device.type == "cuda":
-            _sync(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_status().get("VmHWM", 0)
-        self.bytes = max(0, peak - self._base)
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts and single runs
-
-
-def _packaged_text() -> str:
-    return (
-        resources.files("cmoe_carve.data_files")
-        .joinpath("wikitext2_valid_excerpt.txt")
-        .read_text(encoding="utf-8")
-    )
-
-
-def prompt_ids(
-    tokenizer, vocab_size: int, batch: int, length: int, seed: int = 0
-) -> torch.Tensor:
-    """[batch, length] token ids: consecutive windows of the packaged WikiText-2 excerpt when
-    there is a tokenizer (real text routes like real use), seeded random ids otherwise."""
-    if tokenizer is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab_size, (batch, length), generator=gen)
-    ids = torch.tensor(tokenizer(_packaged_text())["input_ids"], dtype=torch.long)
-    ids = ids[ids < vocab_size]
-    need = batch * length
-    if ids.numel() < need:
-        ids = ids.repeat(need // max(ids.numel(), 1) + 1)
-    return ids[:need].reshape(batch, length)
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@dataclass
-class PrefillSample:
-    seconds: float
-    peak_bytes: int | None
-
-
-@dataclass
-class DecodeSample:
-    ttft_s: float  # start of generate() to the first new token
-    decode_s: float  # first new token to the last
-    steps: int  # decode forward passes in decode_s (new_tokens - 1)
-    batch: int
-    ffn_s: float | None  # FFN time of all decode steps, all layers (hooked runs only)
-    ffn_calls: int
-    router_s: float | None  # the carved FFNs' routers' share of ffn_s
-    router_calls: int
-    peak_bytes: int | None
-
-
-def prefill_once(model: nn.Module, ids: torch.Tensor) -> PrefillSample:
-    """One forward pass over `ids` [B, L] with a fresh KV cache, as generate()'s prefill."""
-    device = ids.device
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    with torch.inference_mode(), PeakMemory(device) as memory, _gc_paused():
-        _sync(device)
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=True, **extra)
-        _sync(device)
-        seconds = time.perf_counter() - start
-    return PrefillSample(seconds, memory.bytes)
-
-
-def _generation_config(model: nn.Module, new_tokens: int):
-    from transformers import GenerationConfig
-
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    return GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,  # EOS suppressed: every run decodes exactly new_tokens
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        eos_token_id=eos,
-        pad_token_id=first_eos if first_eos is not None else 0,
-    )
-
-
-def decode_once(
-    model: nn.Module,
-    ids: torch.Tensor,
-    new_tokens: int,
-    ffn: list[nn.Module] | None = None,
-) -> DecodeSample:
-    """Greedy generate() of exactly `new_tokens` after `ids` [B, P]; with `ffn`, the time of
-    those modules, and of the routers of the carved ones, in the decode steps."""
-    from transformers import StoppingCriteriaList
-
-    device = ids.device
-    clock = _token_clock(device)
-    routers = [m.router for m in ffn or [] if is_carved_mlp(m)]
-    timer = FfnTimer(ffn or [], device)
-    # A router sees the FFN input flattened to [B*S, D]: time it inside timed FFN calls.
-    router_timer = FfnTimer(routers, device, counts=lambda args, kwargs: timer.in_call)
-    config = _generation_config(model, new_tokens)
-    with torch.inference_mode(), PeakMemory(device) as memory, timer, router_timer, _gc_paused():
-        _sync(device)
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([clock]),
-        )
-    made = out.shape[1] - ids.shape[1]
-    if made != new_tokens or len(clock.stamps) != new_tokens:
-        raise BenchError(f"generate() made {made} tokens instead of {new_tokens}")
-    return DecodeSample(
-        ttft_s=clock.stamps[0] - start,
-        decode_s=clock.stamps[-1] - clock.stamps[0],
-        steps=new_tokens - 1,
-        batch=ids.shape[0],
-        ffn_s=timer.seconds if ffn else None,
-        ffn_calls=timer.calls,
-        router_s=router_timer.seconds if routers else None,
-        router_calls=router_timer.calls,
-        peak_bytes=memory.bytes,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics and the report
-
-
-# kind -> (row name, unit, higher is better). The table shows them in this order.
-METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
-    "decode_tokens_per_s": ("decode, batch {b}", "tok/s", True),
-    "ttft_ms": ("time to first token, batch {b}, {p}-token prompt", "ms", False),
-    "ffn_us_per_layer": ("FFN per layer per decode step, batch {b}", "us", False),
-    "router_us_per_layer": ("router per layer per decode step (part of FFN), batch {b}", "us",
-                            False),
-    "ffn_gb_per_s": ("FFN weight bytes read / FFN time, batch {b}", "GB/s", True),
-    "ffn_share_pct": ("FFN share of decode time, batch {b}", "%", False),
-    "rest_ms_per_step": ("rest of the model per decode step, batch {b}", "ms", False),
-    "prefill_tokens_per_s": ("prefill, {L} tokens", "tok/s", True),
-    "decode_peak_mb": ("peak memory over weights, decode batch {b}", "MB", False),
-    "prefill_peak_mb": ("peak memory over weights, prefill {L} tokens", "MB", False),
-}
-
-
-@dataclass
-class Metric:
-    """One measured quantity: samples per model label, medians, and ratios between labels."""
-
-    key: str  # "<kind>.b<batch>" or "<kind>.L<tokens>"
-    name: str
-    unit: str
-    higher_is_better: bool
-    samples: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, label: str, value: float | None) -> None:
-        if value is not None:
-            self.samples.setdefault(label, []).append(float(value))
-
-    def median(self, label: str) -> float | None:
-        values = self.samples.get(label)
-        return statistics.median(values) if values else None
-
-    def spread(self, label: str) -> float | None:
-        """(max - min) / median of the samples: how much the machine's noise moved them."""
-        values, mid = self.samples.get(label), self.median(label)
-        if not values or len(values) < 2 or not mid:
-            return None
-        return (max(values) - min(values)) / abs(mid)
-
-    def ratio(self, numerator: str, denominator: str) -> float | None:
-        top, bottom = self.median(numerator), self.median(denominator)
-        return None if top is None or not bottom else top / bottom
-
-    def to_record(self, labels: list[str], pairs: list[tuple[str, str]]) -> dict:
-        return {
-            "key": self.key,
-            "name": self.name,
-            "unit": self.unit,
-            "higher_is_better": self.higher_is_better,
-            "samples": self.samples,
-            "median": {label: self.median(label) for label in labels if label in self.samples},
-            "spread": {label: self.spread(label) for label in labels if label in self.samples},
-            "ratios": {f"{a}/{b}": self.ratio(a, b) for a, b in pairs},
-        }
-
-
-LOOP_LABEL = "loop"  # the carved model running the official per-expert loop
-
-
-@dataclass
-class BenchReport:
-    config: BenchConfig
-    primary: str  # label of the model benchmarked (MODEL)
-    reference: str | None  # label of the --compare model
-    models: dict[str, dict]  # label -> what was loaded, its size, its FFN backend
-    metrics: dict[str, Metric]
-    machine: dict
-    seconds: float
-
-    @property
-    def labels(self) -> list[str]:
-        extra = [LOOP_LABEL] if any(LOOP_LABEL in m.samples for m in self.metrics.values()) else []
-        return [self.primary] + ([self.reference] if self.reference else []) + extra
-
-    def ratio_pairs(self) -> list[tuple[str, str]]:
-        pairs = [(self.primary, self.reference)] if self.reference else []
-        if LOOP_LABEL in self.labels:
-            pairs.append((LOOP_LABEL, self.primary))
-        return pairs
-
-    def to_record(self) -> dict:
-        from . import __version__
-
-        return {
-            "cmoe_carve_version": __version__,
-            "options": asdict(self.config),
-            "machine": self.machine,
-            "models": self.models,
-            "primary": self.primary,
-            "reference": self.reference,
-            "seconds": round(self.seconds, 2),
-            "metrics": [
-                m.to_record(self.labels, self.ratio_pairs()) for m in self.metrics.values()
-            ],
-        }
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def ffn_bytes_per_token(module: nn.Module) -> float:
-    """Weight bytes one token reads in this FFN: all of a dense MLP; the router plus the shared
-    and the top-k routed experts of a carved one."""
-    if is_carved_mlp(module):
-        per_expert = (_tensor_bytes(module.gate_up_proj) + _tensor_bytes(module.down_proj)) / (
-            module.num_experts
-        )
-        router = sum(_tensor_bytes(p) for p in module.router.parameters())
-        return (module.num_shared + module.top_k) * per_expert + router
-    projections = ("gate_proj", "up_proj", "down_proj")
-    return sum(_tensor_bytes(getattr(module, p).weight) for p in projections)
-
-
-def model_info(bench_model: BenchModel) -> dict:
-    model = bench_model.model
-    params = list(model.parameters())
-    ffn = ffn_modules(model)
-    cmoe = getattr(model.config, "cmoe", None) or {}
-    return {
-        "description": bench_model.description,
-        "class": type(model).__name__,
-        "dtype": str(params[0].dtype).removeprefix("torch."),
-        "parameters": sum(p.numel() for p in params),
-        "parameter_bytes": sum(_tensor_bytes(p) for p in params),
-        "ffn_layers": len(ffn),
-        "ffn_bytes_per_token_per_layer": statistics.mean(ffn_bytes_per_token(m) for m in ffn),
-        "spec": cmoe.get("spec"),
-        "carved_ffn_backend": carved_ffn_backend(model),
-    }
-
-
-def machine_info(device: torch.device) -> dict:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cmoe_kernel_env": os.environ.get("CMOE_KERNEL"),
-        "load_average_start": _load_average(),
-    }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,7 +313,7 @@ def run_bench(models: list[BenchModel], config: BenchConfig, progress: bool = Tr
                             _record_decode(metrics, group, variant, sample, config.prompt_tokens)
                         else:
                             _record_prefill(metrics, group, variant, sample)
-    machine["load_average_end"] = _load_average()
+    machine["load_average_end"] = load_average()
     order = list(METRIC_KINDS)
     ordered = dict(sorted(metrics.items(), key=lambda kv: order.index(kv[0].split(".")[0])))
     return BenchReport(

@@ -19,3 +19,7 @@ class DataError(CmoeError):
 
 class CheckpointError(CmoeError):
     """A directory that is not a complete carved checkpoint."""
+
+
+class BenchError(CmoeError):
+    """Benchmark options or models that cannot be measured as asked."""
