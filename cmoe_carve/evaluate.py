@@ -19,7 +19,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from .data import TextSource, eval_windows, resolve_text
+from .data import TextSource, resolve_text
+from .text_windows import eval_windows
 from .errors import CmoeError, DataError, ModelError
 from .balance import RoutingRecorder, carved_mlps, max_over_mean
 from .progress import progress_bar

@@ -214,7 +214,8 @@ class _Run:
         from accelerate.utils import set_seed
         from transformers import AutoTokenizer
 
-        from .data import calibration_windows, resolve_text
+        from .data import resolve_text
+        from .text_windows import calibration_windows
         from .evaluate import model_context_length
         from .mone import set_neuron_keep
 

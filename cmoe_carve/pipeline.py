@@ -78,7 +78,7 @@ def carve(
 
 
 def _calibration(loaded, source, calib_samples, seqlen, seed) -> torch.Tensor:
-    from .data import calibration_windows
+    from .text_windows import calibration_windows
     from .evaluate import model_context_length
 
     log.info("calibration text: %s", source.describe())

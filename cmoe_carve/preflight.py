@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import check_not_input, check_output_dir, probe_writable
-from .data import require_within_context
+from .text_windows import require_within_context
 from .errors import CheckpointError, ModelError
 from .loading import is_carved_dir, parse_dtype
 from .validate import check_device, check_model_dir

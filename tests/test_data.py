@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from cmoe_carve import data
+from cmoe_carve import data, text_windows
 from cmoe_carve.errors import DataError
 
 # A WikiText raw file in miniature: a blank first line, headings, sub-headings, a trailing " \n".
@@ -377,7 +377,7 @@ def test_eval_windows_are_consecutive_from_the_start(tokenizer):
 
 
 def test_eval_windows_cap_c4_at_256(tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "C4_EVAL_MAX_WINDOWS", 4)  # the cap, scaled down for speed
+    monkeypatch.setattr(text_windows, "C4_EVAL_MAX_WINDOWS", 4)  # the cap, scaled down for speed
     source = data.TextSource(long_source().text, "c4", "validation", "test")
     assert data.eval_windows(tokenizer, source, seqlen=20).shape == (4, 20)
     assert data.eval_windows(tokenizer, source, seqlen=20, max_windows=2).shape == (2, 20)
