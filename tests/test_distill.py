@@ -263,3 +263,12 @@ def test_distill_options_need_distill():
         FinetuneConfig(distill=True, distill_ce=-1.0)
     with pytest.raises(FinetuneError, match="--temperature"):
         FinetuneConfig(distill=True, temperature=0.0)
+
+
+def test_distill_defaults_to_two_epochs_and_an_explicit_count_wins():
+    assert FinetuneConfig().epochs == 1
+    assert FinetuneConfig(distill=True).epochs == 2
+    assert FinetuneConfig(distill=True, epochs=1).epochs == 1
+    assert FinetuneConfig(epochs=3).epochs == 3
+    with pytest.raises(FinetuneError, match="--epochs"):
+        FinetuneConfig(distill=True, epochs=0)
