@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 # GPTQ's C4 protocol: at most 256 evaluation windows (of the first 1,100 validation documents).
 C4_EVAL_MAX_WINDOWS = 256
 
+
 def tokenize_text(tokenizer, source: TextSource) -> torch.Tensor:
     """The whole text tokenised once, as GPTQ does: `tokenizer(text)`, with the tokenizer's
     default special tokens (a single BOS at the very start for Llama; none for SmolLM2).
