@@ -94,7 +94,11 @@ class _CarveOnCall(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.carved is not None:
             raise RuntimeError("the MLP was called twice in one layer call; cannot carve it")
-        self.carved = self.carve_fn(self.dense, hidden_states.reshape(-1, hidden_states.shape[-1]))
+        made: list[torch.Tensor] = []  # the carve's own output on these rows, when it has one
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        self.carved = self.carve_fn(self.dense, x, outputs=made)
+        if made:
+            return made[0].to(hidden_states.dtype).reshape(hidden_states.shape)
         return self.carved(hidden_states)
 
 

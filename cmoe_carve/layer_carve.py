@@ -24,8 +24,15 @@ from .layer_fit import (
     selection_scores,
     shared_hidden,
 )
+from .kept_scores import (
+    all_scores,
+    dense_output,
+    expert_major,
+    expert_scores,
+    output_from_scores,
+)
 from .modeling_cmoe import CarvedMLP
-from .profiling import neuron_scores, profile_layer
+from .profiling import profile_layer
 from .refit import CHUNK as REFIT_CHUNK, RIDGE_CHOICES, refit_down
 
 log = logging.getLogger(__name__)
@@ -34,60 +41,22 @@ log = logging.getLogger(__name__)
 PROFILE_TOKENS = 32768
 
 
-# The most memory the per-token neuron scores of one layer may take to be kept ([N, d_h] fp32:
-# 16,384 x 1,536 is 100 MB for SmolLM2, 16,384 x 14,336 is 940 MB for Llama-3-8B).
-KEEP_SCORES_BYTES = 1 << 30
-
-
-@torch.no_grad()
-def all_scores(dense: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`neuron_scores` of every row of x [N, D] (raw), or None above KEEP_SCORES_BYTES."""
-    width = dense.gate_proj.weight.shape[0]
-    if x.shape[0] * width * 4 > KEEP_SCORES_BYTES:
-        return None
-    return neuron_scores(x, dense.gate_proj.weight, dense.up_proj.weight, dense.act_fn, False)
-
-
-@torch.no_grad()
-def dense_output(dense: nn.Module, x: torch.Tensor, scores, rows: torch.Tensor) -> torch.Tensor:
-    """The dense FFN's output [n, D] fp32 on x = the inputs' rows `rows`, from their scores
-    when kept (one matmul with W_down) or by running the FFN."""
-    if scores is None:
-        return dense(x).float()
-    return scores[rows] @ dense.down_proj.weight.float().t()
-
-
-def expert_scores(scores: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, chunk: int):
-    """The experts' hidden activations on the given rows from the neurons' scores, in chunks
-    of `chunk` rows, as `shared_hidden` makes them: [c, E, m] fp32 each. experts [E, m]: the
-    neurons of each expert, indices past d_h being the zero neurons that pad the layout."""
-    num_experts, m = experts.shape
-    width = scores.shape[1]
-    flat = experts.reshape(-1).to(scores.device)
-    padded = flat >= width
-    out = []
-    for start in range(0, rows.numel(), chunk):
-        block = scores.index_select(0, rows[start : start + chunk])
-        h = block[:, flat.clamp(max=width - 1)]
-        if padded.any():
-            h[:, padded] = 0.0
-        out.append(h.view(-1, num_experts, m))
-    return out
-
-
 def _blend(stream: torch.Tensor, ffn: torch.Tensor | None, mix: float) -> torch.Tensor:
     """The refit's target: `mix` of the stream goal, the rest the dense FFN's output."""
     return stream if mix >= 1 else stream.mul_(mix).add_(ffn, alpha=1 - mix)
 
 
 def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: str, facts: dict,
-              residual: torch.Tensor, stream_goal=None, free_dense: bool = False) -> CarvedMLP:
+              residual: torch.Tensor, stream_goal=None, free_dense: bool = False,
+              outputs: list | None = None) -> CarvedMLP:
     """The carved FFN of `dense` for its inputs x [N, D] (all calibration tokens of the layer).
 
     residual [N, D]: the stream entering the layer (adaptive budgets weigh errors by it);
     stream_goal(idx): the refit's targets for rows idx when fitting to the dense model's own
     stream (None: the dense FFN's output). What the report needs goes into `facts`.
     free_dense: drop the dense weights once the carved copy exists (a streamed layer's own).
+    outputs: where given, the carved FFN's output on x [N, D] fp32 is appended to it when the
+    kept scores can make it (cheaper than running the FFN again; nothing appended otherwise).
     """
     by_contribution = config.grouping == "contribution"
     down_norms = dense.down_proj.weight.float().norm(dim=0) if by_contribution else None
@@ -128,6 +97,9 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     mix = config.stream_mix if stream_goal is not None else 0.0
     dense_fit = (dense_output(dense, x_fit, scores, fit_rows)
                  if config.refit and mix < 1 else None)
+    if scores is not None:  # from here on read expert by expert
+        scores = expert_major(scores, groups.experts)
+    num_experts = groups.experts.shape[0]
     carved = build_carved_mlp(
         dense, groups, config.layout.num_shared, config.layout.top_k, act_name,
         config.cosine_scores,
@@ -139,15 +111,14 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     needs = config.router == "fitted" or config.compensate or config.refit
     hidden = None
     if needs and scores is not None:
-        hidden = expert_scores(scores, fit_rows, groups.experts, REFIT_CHUNK)
+        hidden = expert_scores(scores, fit_rows, num_experts, REFIT_CHUNK)
     elif needs:
         hidden = shared_hidden(carved, x_fit, REFIT_CHUNK)
     # With held_out_fits, the held-out tokens fit the router and join the final refit too.
     hidden_held = None
     if needs and config.held_out_fits:
-        hidden_held = (expert_scores(scores, held, groups.experts, REFIT_CHUNK) if scores is not None
+        hidden_held = (expert_scores(scores, held, num_experts, REFIT_CHUNK) if scores is not None
                        else shared_hidden(carved, x_held, REFIT_CHUNK))
-    del scores
     if config.router == "fitted":
         if hidden_held is not None:  # every calibration token: 30.45 -> 30.19 at S3A3E8
             fit_router(carved, torch.cat([x_fit, x_held]), config.ridge, hidden + hidden_held)
@@ -178,8 +149,12 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         # with outsized activations (every window's first).
         weight = 1.0 / residual[held].float().pow(2).sum(1, keepdim=True).clamp_min(1e-30)
 
+        held_scores = scores[held] if scores is not None else None
+
         def held_error() -> float:
-            return ((carved(x_held).float() - t_held).pow(2) * weight).sum().item()
+            y = (carved(x_held).float() if held_scores is None
+                 else output_from_scores(carved, x_held, held_scores))
+            return ((y - t_held).pow(2) * weight).sum().item()
 
         # Held-out tokens decide (the guard): they include every window's first token (rows
         # 0 mod 8), whose outsized activations the fit rows never contain. On SmolLM2 at
@@ -200,5 +175,10 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
         every = max(1, rows.numel() // BUDGET_TOKENS)  # a subset of the held-out rows
         few = rows[::every].to(x.device)
         facts["cost"] = budget_cost(carved, x[few], dense_held[::every], residual[few])
-    facts.update(prof=prof, groups=groups, stats=routing_stats(carved, x, rows, dense_held))
+    held_out = (output_from_scores(carved, x_held, scores[held])
+                if scores is not None else None)
+    facts.update(prof=prof, groups=groups,
+                 stats=routing_stats(carved, x, rows, dense_held, held_out))
+    if outputs is not None and scores is not None:
+        outputs.append(output_from_scores(carved, x, scores))
     return carved

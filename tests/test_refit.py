@@ -318,17 +318,25 @@ def test_stream_targets_refuse_gemma_clearly():
 
 
 def test_stream_mix_fits_the_blend_of_the_two_targets():
-    # In the first layer the two targets agree (the carved and dense streams are one), so the
-    # second layer sees the same inputs and routing whatever the mix; the refit is linear in its
-    # target, so its down projections at mix 0.5 are the mean of those at 0 and 1.
+    # One layer carved on the same inputs whatever the mix, so grouping and routing are the
+    # same (across layers, rounding-level differences in a layer's output can tip the next
+    # layer's k-means); the refit is linear in its target, so its down projections at mix 0.5
+    # are the mean of those at 0 and 1.
+    from cmoe_carve.layer_carve import carve_mlp
+
+    torch.manual_seed(0)
+    mlp = tiny_model("llama").model.layers[1].mlp
+    x = torch.randn(4096, 48)
+    goal = torch.randn(4096, 48)  # a stream target unlike the FFN's own output
     downs, kept = {}, {}
     for mix in (0.0, 0.5, 1.0):
-        model = tiny_model("llama")
         config = CarveConfig(spec="S2A2E8", k_act=5, refit_target="stream", stream_mix=mix,
                              refit_ridge=0.1)
-        result = carve_model(model, calib_ids(32, 64), config, progress=False)
-        second = [m for m in model.modules() if isinstance(m, CarvedMLP)][1]
-        downs[mix], kept[mix] = second.down_proj.detach().clone(), result.layers[1].refit_kept
+        facts = {}
+        with torch.no_grad():  # as carve_model calls it
+            carved = carve_mlp(mlp, x, config, "silu", "layer", facts, x,
+                               stream_goal=lambda idx: goal[idx].clone())
+        downs[mix], kept[mix] = carved.down_proj.detach().clone(), facts["refit_kept"]
     assert all(kept.values())
     torch.testing.assert_close(downs[0.5], (downs[0.0] + downs[1.0]) / 2, rtol=1e-3, atol=1e-5)
     assert not torch.allclose(downs[0.0], downs[1.0], rtol=1e-2, atol=1e-4)
@@ -417,3 +425,54 @@ def test_walk_ridges_finds_the_minimum_of_a_unimodal_grid_scoring_fewer_ridges(e
     assert len(set(scored)) == len(scored)  # no ridge solved twice
     if len(errors) == 4:
         assert len(scored) <= 3  # never all four: the walk stops once the error rises again
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_the_output_from_kept_scores_is_the_carved_forward(compensate):
+    # The carve answers its layer call and scores the held-out rows from the dense neurons'
+    # scores instead of running the carved FFN: the two must agree, padding neurons included
+    # (100 neurons in 8 experts of 13).
+    from cmoe_carve.build import build_carved_mlp
+    from cmoe_carve.grouping import group_neurons
+    from cmoe_carve.kept_scores import expert_major, output_from_scores
+    from cmoe_carve.profiling import neuron_scores
+
+    torch.manual_seed(0)
+    mlp = tiny_model("llama").model.layers[0].mlp
+    x = torch.randn(300, 48)
+    scores = neuron_scores(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.act_fn, False)
+    groups = group_neurons(scores.abs() > 0.5, scores.abs().mean(0), 2, 8)
+    carved = build_carved_mlp(mlp, groups, 2, 2, "silu", False)
+    if compensate:
+        with torch.no_grad():
+            carved.expert_bias.normal_()
+        carved.compensate = True
+    with torch.no_grad():
+        want = carved(x)
+    got = output_from_scores(carved, x, expert_major(scores, groups.experts))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Not a trivial agreement: the carved FFN is far from the dense one.
+    with torch.no_grad():
+        assert (want - mlp(x)).norm() > 0.1 * mlp(x).norm()
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_a_carve_from_kept_scores_is_the_carve_that_recomputes_them(monkeypatch, compensate):
+    # Above KEEP_SCORES_BYTES the carve runs the carved FFN for its layer output and held-out
+    # errors; below, it makes them from the scores. The carved models must be the same.
+    import cmoe_carve.kept_scores as kept_scores
+
+    def carve(limit):
+        monkeypatch.setattr(kept_scores, "KEEP_SCORES_BYTES", limit)
+        model = tiny_model("llama")
+        config = CarveConfig(spec="S1A2E8", k_act=5, compensate=compensate)
+        result = carve_model(model, calib_ids(), config, progress=False)
+        return result, [m for m in model.modules() if isinstance(m, CarvedMLP)]
+
+    (kept, a_layers), (recomputed, b_layers) = carve(2**40), carve(0)
+    assert [r.refit_ridge for r in kept.layers] == [r.refit_ridge for r in recomputed.layers]
+    for ra, rb in zip(kept.layers, recomputed.layers):
+        assert ra.reconstruction_error == pytest.approx(rb.reconstruction_error, rel=1e-4)
+    for a, b in zip(a_layers, b_layers):
+        for name in ("down_proj", "expert_bias"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)
