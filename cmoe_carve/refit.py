@@ -43,9 +43,13 @@ class RefitStats:
         the ridge), sums in fp64 (16k tokens of sums would lose digits in fp32).
 
         ids [c, K] with block m: the features are E blocks of m, and token t's are zero outside
-        the blocks ids[t] names (the experts it uses; any features past E * m are dense). Each
+        the blocks ids[t] names (the experts it uses; features not a whole number of blocks
+        take the dense path). Each
         block's rows of the Gram then come from the tokens that use it alone: at S2A2E16 a
-        token uses 4 of 16 experts, a quarter of the products of the dense f^T f."""
+        token uses 4 of 16 experts, a quarter of the products of the dense f^T f. Only the
+        blocks left of and on the diagonal are multiplied, the rest mirrored from them (the Gram
+        is symmetric): the shared experts come first, so their all-token blocks are the narrow
+        ones (SmolLM2 at S2A2E16: a third of the products again)."""
         f = features.float()
         y = targets.float()
         if ids is None or not block or f.shape[1] % block:
@@ -57,18 +61,20 @@ class RefitStats:
         uses = torch.zeros(f.shape[0], num_blocks, dtype=torch.bool, device=f.device)
         uses.scatter_(1, ids, True)
         for e in range(num_blocks):
-            cols = slice(e * block, (e + 1) * block)
+            start, end = e * block, (e + 1) * block
             rows = uses[:, e]
             if bool(rows.all()):
-                fe, fr, yr = f, f[:, cols], y
+                fe, yr = f[:, :end], y
             else:
                 where = rows.nonzero().squeeze(1)
                 if where.numel() == 0:
                     continue
-                fe = f.index_select(0, where)
-                fr, yr = fe[:, cols], y.index_select(0, where)
-            self.gram[cols] += (fr.t() @ fe).double()
-            self.cross[cols] += (fr.t() @ yr).double()
+                fe, yr = f[:, :end].index_select(0, where), y.index_select(0, where)
+            fr = fe[:, start:]
+            part = (fr.t() @ fe).double()  # [block, end]: up to and with the diagonal block
+            self.gram[start:end, :end] += part
+            self.gram[:start, start:end] += part[:, :start].t()
+            self.cross[start:end] += (fr.t() @ yr).double()
         self.count += features.shape[0]
 
 

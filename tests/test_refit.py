@@ -121,17 +121,20 @@ def test_features_keep_only_the_experts_a_token_uses():
 def test_the_gram_from_the_experts_tokens_use_equals_the_dense_one():
     # Blocks of the Gram built from only the tokens that use each expert (shared experts: all,
     # one expert: nobody) must equal f^T f of the zero-filled features.
+    # Two shared experts (0, 1) and routed ones 2..5, of which 5 is never used; two chunks.
     gen = torch.Generator().manual_seed(4)
-    c, num_experts, m, dim = 40, 5, 3, 6
+    c, num_experts, m, dim = 40, 6, 3, 6
     hidden = torch.randn(c, num_experts, m, generator=gen)
-    routed = torch.stack([torch.randperm(3, generator=gen)[:2] + 1 for _ in range(c)])  # 4 unused
-    ids = torch.cat([torch.zeros(c, 1, dtype=torch.long), routed], dim=1)
-    gates = torch.rand(c, 3, generator=gen) + 0.5
-    feats = routed_features(hidden, ids, gates, num_shared=1, with_switches=False)
+    routed = torch.stack([torch.randperm(3, generator=gen)[:2] + 2 for _ in range(c)])
+    shared = torch.tensor([0, 1]).expand(c, 2)
+    ids = torch.cat([shared, routed], dim=1)
+    gates = torch.rand(c, 4, generator=gen) + 0.5
+    feats = routed_features(hidden, ids, gates, num_shared=2, with_switches=False)
     goal = torch.randn(c, dim, generator=gen)
     dense, blocked = RefitStats.empty(num_experts * m, dim), RefitStats.empty(num_experts * m, dim)
-    dense.add(feats, goal)
-    blocked.add(feats, goal, ids, m)
+    for rows in (slice(0, 24), slice(24, c)):
+        dense.add(feats[rows], goal[rows])
+        blocked.add(feats[rows], goal[rows], ids[rows], m)
     # Products in fp32 (summed in fp64): the two orders of summation agree to fp32's precision.
     torch.testing.assert_close(blocked.gram, dense.gram, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(blocked.cross, dense.cross, rtol=1e-5, atol=1e-5)

@@ -6,11 +6,21 @@ from cmoe_carve.grouping import group_neurons
 from cmoe_carve.modeling_cmoe import CarvedMLP, CarvedRouter
 from cmoe_carve.profiling import profile_layer
 from cmoe_carve.router_fit import (
+    _gram,
     expert_output_norms,
     fit_linear_router,
     oracle_agreement,
     standardize_rows,
 )
+
+
+def test_the_blocked_gram_is_the_whole_product():
+    # Widths that the blocks do not divide, and more blocks than columns.
+    gen = torch.Generator().manual_seed(3)
+    for dim, blocks in ((10, 4), (7, 3), (3, 8), (1, 4)):
+        x = torch.randn(50, dim, generator=gen, dtype=torch.float64)
+        gram = _gram(x, blocks)
+        torch.testing.assert_close(gram, x.t() @ x, rtol=1e-12, atol=1e-12)
 
 
 def test_ridge_fit_recovers_a_planted_linear_map():
