@@ -178,7 +178,7 @@ def carve_mlp(dense: nn.Module, x: torch.Tensor, config, act_name: str, name: st
     held_out = (output_from_scores(carved, x_held, scores[held])
                 if scores is not None else None)
     facts.update(prof=prof, groups=groups,
-                 stats=routing_stats(carved, x, rows, dense_held, held_out))
+                 stats=routing_stats(carved, x, rows, dense_held, held_out, hidden_held))
     if outputs is not None and scores is not None:
         outputs.append(output_from_scores(carved, x, scores))
     return carved

@@ -31,17 +31,23 @@ def held_out_rows(num_tokens: int, limit: int) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_stats(carved: CarvedMLP, x: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor,
-                  out: torch.Tensor | None = None):
+                  out: torch.Tensor | None = None, hidden=None):
     """Expert load (fraction of tokens per routed expert), relative reconstruction error and
     agreement with the norm-oracle on the held-out rows; ref [rows, D]: the dense FFN's output
-    there, out: the carved one's when the caller has it."""
+    there, out: the carved one's when the caller has it, hidden: every expert's hidden
+    activations there in chunks ([c, E, m] each), when the caller has them."""
     _, _, top = carved.route(x)
     counts = torch.bincount(top.reshape(-1).cpu(), minlength=carved.num_routed).double()
     xs = x[rows.to(x.device)]
     ref = ref.float()
     out = carved(xs).float() if out is None else out.float()
     err = (out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
-    norms = _routed_norms(carved, xs)
+    if hidden is None:
+        norms = _routed_norms(carved, xs)
+    else:  # the routed experts' down projections as they are now, refitted or not
+        s = carved.num_shared
+        grams = down_grams(carved.down_proj[s:])
+        norms = torch.cat([norms_from_hidden(h[:, s:], grams) for h in hidden])
     agree = oracle_agreement(carved.router.logits(xs), norms, carved.top_k)
     return (counts / x.shape[0]).tolist(), err.item(), agree
 
