@@ -46,10 +46,9 @@ class RefitStats:
         the blocks ids[t] names (the experts it uses; features not a whole number of blocks
         take the dense path). Each block's rows of the Gram then come from the tokens that use
         it alone: at S2A2E16 a token uses 4 of 16 experts, a quarter of the products of the
-        dense f^T f. Only the
-        blocks left of and on the diagonal are multiplied, the rest mirrored from them (the Gram
-        is symmetric): the shared experts come first, so their all-token blocks are the narrow
-        ones (SmolLM2 at S2A2E16: a third of the products again)."""
+        dense f^T f. Only the blocks left of and on the diagonal are multiplied, the rest
+        mirrored from them (the Gram is symmetric): the shared experts come first, so their
+        all-token blocks are the narrow ones (SmolLM2 at S2A2E16: a third of the products again)."""
         f = features.float()
         y = targets.float()
         if ids is None or not block or f.shape[1] % block:
