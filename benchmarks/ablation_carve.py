@@ -57,7 +57,7 @@ VARIANTS = {
 def oracle_routing():
     """Route every carved layer by the norm oracle: each token's top-k routed experts by output
     norm, gates as the router would give them."""
-    from cmoe_carve.layer_fit import expert_output_norms
+    from cmoe_carve.router_fit import expert_output_norms
 
     def route(self, x):
         scores = torch.softmax(self.router.logits(x), dim=-1)

@@ -11,7 +11,6 @@ from .modeling_cmoe import CarvedMLP
 from .router_fit import (
     down_grams,
     expert_hidden,
-    expert_output_norms,
     expert_outputs,
     fit_linear_router,
     hidden_chunks,
@@ -42,19 +41,19 @@ def routing_stats(carved: CarvedMLP, x: torch.Tensor, rows: torch.Tensor, ref: t
     ref = ref.float()
     out = carved(xs).float() if out is None else out.float()
     err = (out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
-    if hidden is None:
-        norms = _routed_norms(carved, xs)
-    else:  # the routed experts' down projections as they are now, refitted or not
-        s = carved.num_shared
-        grams = down_grams(carved.down_proj[s:])
-        norms = torch.cat([norms_from_hidden(h[:, s:], grams) for h in hidden])
+    norms = _routed_norms(carved, xs, hidden)
     agree = oracle_agreement(carved.router.logits(xs), norms, carved.top_k)
     return (counts / x.shape[0]).tolist(), err.item(), agree
 
 
-def _routed_norms(carved: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
+def _routed_norms(carved: CarvedMLP, x: torch.Tensor, hidden=None) -> torch.Tensor:
+    """Every routed expert's output norm on x [c, D] -> [c, Nr], through its down projection as
+    it is now; hidden: every expert's hidden activations on x in chunks ([c, E, m] each), when
+    the caller has them (else computed chunk by chunk)."""
     s = carved.num_shared
-    return expert_output_norms(x, carved.gate_up_proj[s:], carved.down_proj[s:], carved.act_fn)
+    grams = down_grams(carved.down_proj[s:])
+    chunks = (h[:, s:] for h in hidden) if hidden is not None else _routed_hidden(carved, x)
+    return torch.cat([norms_from_hidden(h, grams) for h in chunks])
 
 
 def _routed_hidden(carved: CarvedMLP, x: torch.Tensor):
@@ -83,11 +82,8 @@ def shared_hidden(carved: CarvedMLP, x: torch.Tensor, chunk: int):
 def fit_router(carved: CarvedMLP, x: torch.Tensor, ridge: float, hidden=None) -> None:
     """Replace the representative-neuron router by one regressed on expert output norms.
     hidden: `shared_hidden` of x, when there (else computed chunk by chunk)."""
-    s = carved.num_shared
-    grams = down_grams(carved.down_proj[s:])
-    chunks = (h[:, s:] for h in hidden) if hidden is not None else _routed_hidden(carved, x)
-    norms = [norms_from_hidden(h, grams) for h in chunks]
-    weight, intercept = fit_linear_router(x, standardize_rows(torch.cat(norms)), ridge)
+    norms = _routed_norms(carved, x, hidden)
+    weight, intercept = fit_linear_router(x, standardize_rows(norms), ridge)
     router = carved.router
     router.kind = "linear"
     router.gate_weight.copy_(weight)
