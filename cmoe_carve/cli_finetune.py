@@ -22,7 +22,7 @@ def finetune_command(
     data: str = typer.Option("wikitext2", help=_h("data")),
     samples: int = typer.Option(128, help=_h("samples")),
     seqlen: int = typer.Option(512, help=_h("seqlen")),
-    epochs: Optional[int] = typer.Option(None, help=_h("epochs"), show_default=False),
+    epochs: Optional[float] = typer.Option(None, help=_h("epochs"), show_default=False),
     mode: str = typer.Option("lora", help=_h("mode")),
     lr: Optional[float] = typer.Option(None, help=_h("lr") , show_default=False),
     router_lr: float = typer.Option(1e-3, help=_h("router_lr")),

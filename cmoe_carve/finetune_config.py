@@ -56,9 +56,10 @@ class FinetuneConfig:
     # None: 2 with --distill, else 1. On SmolLM2's S2A2E16 carve (128 x 512 tokens), a second
     # epoch of --distill took WikiText-2 from 45.11 to 44.29 for 3.5 more minutes (10 min 27 s in
     # all): the teacher's targets are made in the first epoch, so later ones cost the student only.
-    epochs: int | None = field(
+    epochs: float | None = field(
         default=None,
-        metadata={"help": "passes over the windows; default: 2 with --distill, else 1"},
+        metadata={"help": "passes over the windows (a fraction such as 1.5 ends part-way "
+                  "through the last); default: 2 with --distill, else 1"},
     )
     lr: float | None = field(
         default=None,
@@ -151,8 +152,12 @@ class FinetuneConfig:
         _choice(self.precision, Precision, "--precision")
         _choice(self.schedule, Schedule, "--schedule")
         _choice(self.teacher_dtype, TeacherDtype, "--teacher-dtype")
+        if not self.epochs > 0:
+            raise FinetuneError(f"--epochs must be positive, got {self.epochs}")
+        if float(self.epochs).is_integer():
+            self.epochs = int(self.epochs)  # 2.0 is 2: the same run, recorded alike
         positive = {
-            "--samples": self.samples, "--epochs": self.epochs, "--batch-size": self.batch_size,
+            "--samples": self.samples, "--batch-size": self.batch_size,
             "--grad-accum": self.grad_accum, "--lora-rank": self.lora_rank,
         }
         for flag, value in positive.items():

@@ -93,13 +93,15 @@ def lr_factor(step: int, total: int, config: FinetuneConfig) -> float:
 
 
 def step_plan(
-    n_windows: int, batch_size: int, grad_accum: int, epochs: int, world: int, seed: int
+    n_windows: int, batch_size: int, grad_accum: int, epochs: float, world: int, seed: int
 ) -> list[list[torch.Tensor]]:
     """Window indices of every micro-batch of every optimizer step, fixed by the seed.
 
     Each epoch draws a permutation (seed + epoch); it is cut into global micro-batches of
     batch_size * world windows (a remainder is left out), grouped grad_accum at a time into
-    steps (the last step of an epoch may hold fewer). Process r uses rows r*batch_size ...
+    steps (the last step of an epoch may hold fewer). A fractional `epochs` (1.5) ends with the
+    first micro-batches of the last epoch's permutation, as many as the fraction asks (at
+    least one in all). Process r uses rows r*batch_size ...
     """
     global_batch = batch_size * world
     per_epoch = n_windows // global_batch
@@ -108,9 +110,11 @@ def step_plan(
             f"--samples {n_windows} is fewer than one global batch of {global_batch} windows "
             f"(--batch-size {batch_size} x {world} processes): raise --samples"
         )
+    total = max(1, round(epochs * per_epoch))  # micro-batches over all epochs
     plan: list[list[torch.Tensor]] = []
-    for epoch in range(epochs):
+    for epoch in range(math.ceil(total / per_epoch)):
         order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
-        micro = [order[i * global_batch : (i + 1) * global_batch] for i in range(per_epoch)]
-        plan += [micro[i : i + grad_accum] for i in range(0, per_epoch, grad_accum)]
+        here = min(per_epoch, total - epoch * per_epoch)
+        micro = [order[i * global_batch : (i + 1) * global_batch] for i in range(here)]
+        plan += [micro[i : i + grad_accum] for i in range(0, here, grad_accum)]
     return plan

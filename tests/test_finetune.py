@@ -211,6 +211,18 @@ def test_config_errors_name_the_fields():
     assert [len(step) for step in plan] == [2, 2, 1, 2, 2, 1]  # 5 micro-batches per epoch
 
 
+def test_a_fractional_epoch_ends_part_way_through_the_next_permutation():
+    whole = step_plan(10, batch_size=2, grad_accum=1, epochs=2, world=1, seed=3)
+    part = step_plan(10, batch_size=2, grad_accum=1, epochs=1.4, world=1, seed=3)
+    assert len(whole) == 10 and len(part) == 7  # 5 micro-batches per epoch, then 2 of the next
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(part, whole))  # the same order, cut short
+    assert len(step_plan(10, batch_size=2, grad_accum=1, epochs=0.01, world=1, seed=3)) == 1
+    assert FinetuneConfig(epochs=2.0).epochs == 2 and isinstance(FinetuneConfig(epochs=2.0).epochs, int)
+    assert FinetuneConfig(distill=True, epochs=1.5).epochs == 1.5
+    with pytest.raises(FinetuneError, match="--epochs must be positive"):
+        FinetuneConfig(epochs=-1.0)
+
+
 def test_finetune_with_neuron_selection_keeps_the_ratio(carved):
     # MoNE during training: gradients reach the experts through the kept neurons only.
     out = carved / "mone"
