@@ -31,6 +31,7 @@ def finetune_command(
     seed: int = typer.Option(0, help=_h("seed")),
     lora_rank: int = typer.Option(8, help=_h("lora_rank")),
     lora_alpha: float = typer.Option(32.0, help=_h("lora_alpha")),
+    lora_experts: bool = typer.Option(True, help=_h("lora_experts")),
     gamma: float = typer.Option(0.0, help=_h("gamma")),
     schedule: str = typer.Option("cosine", help=_h("schedule")),
     warmup_ratio: float = typer.Option(0.05, help=_h("warmup_ratio")),
@@ -73,7 +74,7 @@ def finetune_command(
     config = FinetuneConfig(
         mode=mode, data=data, samples=samples, seqlen=seqlen, epochs=epochs, lr=lr,
         router_lr=router_lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, gamma=gamma, schedule=schedule,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_experts=lora_experts, gamma=gamma, schedule=schedule,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         save_every=save_every, distill=distill, teacher=teacher, teacher_dtype=teacher_dtype,

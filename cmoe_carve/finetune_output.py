@@ -44,7 +44,8 @@ def write_output(model, tokenizer, carved_dir, out, cmoe, config, source, summar
         "data": {**source.to_record(), "description": source.describe()},
         "windows": config.samples,
         "trainable_parameters": n_trainable,
-        "lora_targets": (list(ATTENTION_PROJECTIONS) + list(EXPERT_PARAMETERS))
+        "lora_targets": (list(ATTENTION_PROJECTIONS)
+                         + (list(EXPERT_PARAMETERS) if config.lora_experts else []))
         if config.mode == "lora" else [],
         "processes": accelerator.num_processes,
         "device": str(accelerator.device),
@@ -113,8 +114,9 @@ def finetune_card(record: dict) -> str:
     """The fine-tuning section appended to the model card."""
     c = record["config"]
     what = {
-        "lora": f"LoRA r={c['lora_rank']}, alpha={c['lora_alpha']:g} on q/k/v/o and every "
-                "expert's gate/up and down (merged), plus the router scale u",
+        "lora": f"LoRA r={c['lora_rank']}, alpha={c['lora_alpha']:g} on q/k/v/o"
+                + (" and every expert's gate/up and down" if c.get("lora_experts", True) else "")
+                + " (merged), plus the router scale u",
         "router": "the router scale u only",
         "full": "every weight, plus the router scale u",
     }[c["mode"]]

@@ -14,18 +14,18 @@ from .balance import carved_mlps
 from .finetune_config import ATTENTION_PROJECTIONS, EXPERT_PARAMETERS, FinetuneConfig, FinetuneError
 
 
-def lora_targets(cmoe: dict) -> tuple[list[str], list[str]]:
+def lora_targets(cmoe: dict, experts: bool = True) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) for peft: attention projections by module name, the
-    stacked expert weights of every carved MLP by full parameter name."""
+    stacked expert weights of every carved MLP by full parameter name (none without `experts`)."""
     params = [f"{name}.{p}" for name in cmoe["mlp_names"] for p in EXPERT_PARAMETERS]
-    return list(ATTENTION_PROJECTIONS), params
+    return list(ATTENTION_PROJECTIONS), params if experts else []
 
 
 def wrap_lora(model: nn.Module, cmoe: dict, config: FinetuneConfig) -> nn.Module:
     """The model with LoRA adapters (peft), everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
-    modules, params = lora_targets(cmoe)
+    modules, params = lora_targets(cmoe, config.lora_experts)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,

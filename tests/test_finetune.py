@@ -120,6 +120,26 @@ def test_merged_checkpoint_equals_unmerged_model(lora_run):
     assert not state_path(out).exists()
 
 
+def test_without_expert_adapters_the_experts_keep_their_weights(carved):
+    out = carved / "attn-lora"
+    seen = {}
+
+    def callback(info):
+        seen["lora"] = [n for n, p in info.model.named_parameters() if "lora_B" in n]
+
+    finetune(carved / "carved", out, tiny_config(carved, samples=2, lora_experts=False),
+             progress=False, step_callback=callback)
+    assert len(seen["lora"]) == 2 * 4 and not any(".mlp." in n for n in seen["lora"])
+    before, after = load_carved(carved / "carved").state_dict(), load_carved(out).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.endswith("q_proj.weight") for k in changed)  # the attention adapters, merged
+    assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in changed)
+    record = json.loads((out / "carve_report.json").read_text())["finetune"]
+    assert record["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(FinetuneError, match="--no-lora-experts"):
+        FinetuneConfig(mode="router", lora_experts=False)
+
+
 def test_updated_bias_moves_against_the_load():
     bias = torch.zeros(2, 3)
     counts = torch.tensor([[10, 0, 2], [4, 4, 4]])  # means 4 and 4
