@@ -74,8 +74,9 @@ def finetune_command(
     config = FinetuneConfig(
         mode=mode, data=data, samples=samples, seqlen=seqlen, epochs=epochs, lr=lr,
         router_lr=router_lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_experts=lora_experts, gamma=gamma, schedule=schedule,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_experts=lora_experts, gamma=gamma,
+        schedule=schedule, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         save_every=save_every, distill=distill, teacher=teacher, teacher_dtype=teacher_dtype,
         temperature=temperature,

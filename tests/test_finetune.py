@@ -237,7 +237,8 @@ def test_a_fractional_epoch_ends_part_way_through_the_next_permutation():
     assert len(whole) == 10 and len(part) == 7  # 5 micro-batches per epoch, then 2 of the next
     assert all(torch.equal(a[0], b[0]) for a, b in zip(part, whole))  # the same order, cut short
     assert len(step_plan(10, batch_size=2, grad_accum=1, epochs=0.01, world=1, seed=3)) == 1
-    assert FinetuneConfig(epochs=2.0).epochs == 2 and isinstance(FinetuneConfig(epochs=2.0).epochs, int)
+    whole_number = FinetuneConfig(epochs=2.0).epochs
+    assert whole_number == 2 and isinstance(whole_number, int)
     assert FinetuneConfig(distill=True, epochs=1.5).epochs == 1.5
     with pytest.raises(FinetuneError, match="--epochs must be positive"):
         FinetuneConfig(epochs=-1.0)
