@@ -73,8 +73,9 @@ class FinetuneConfig:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling alpha / r)"})
     # On by default: on a 2-core AVX2 EPYC, `--distill --epochs 1.5` of SmolLM2's S2A2E16 carve
-    # reached WikiText-2 44.87 with them and 48.55 without, though a step without them took 0.80x
-    # the time (peft folds them into whole expert weights, whose gradients are computed in full).
+    # reached WikiText-2 44.87 with them and 48.55 without, though a step without them took
+    # 0.83-0.85x the time, alternating in one process (peft folds them into whole expert
+    # weights, whose gradients are computed in full).
     lora_experts: bool = field(
         default=True,
         metadata={"help": "LoRA adapters on every expert's gate/up and down weights as well as "
