@@ -265,9 +265,9 @@ def test_distill_options_need_distill():
         FinetuneConfig(distill=True, temperature=0.0)
 
 
-def test_distill_defaults_to_two_epochs_and_an_explicit_count_wins():
+def test_distill_defaults_to_one_and_a_half_epochs_and_an_explicit_count_wins():
     assert FinetuneConfig().epochs == 1
-    assert FinetuneConfig(distill=True).epochs == 2
+    assert FinetuneConfig(distill=True).epochs == 1.5
     assert FinetuneConfig(distill=True, epochs=1).epochs == 1
     assert FinetuneConfig(epochs=3).epochs == 3
     with pytest.raises(FinetuneError, match="--epochs"):
