@@ -233,6 +233,27 @@ def test_the_first_top_k_distillation_loss_is_the_bucketed_kl(pair):
     assert record["losses"][0] == pytest.approx(expected.item(), rel=1e-3)
 
 
+def test_each_window_keeps_its_own_teacher_targets_in_batches_with_a_short_last_one(pair):
+    # Three windows in teacher batches of two: every window's cached targets must be the top-k
+    # of the teacher's own logits on that window, whichever batch and row it was made in.
+    from cmoe_carve.checkpoint import read_cmoe_config
+    from cmoe_carve.finetune import _Run
+
+    config = FinetuneConfig(data=str(pair / "train.txt"), samples=3, seqlen=16, batch_size=2,
+                            save_every=0, distill=True, teacher_dtype="fp32", distill_topk=5)
+    run = _Run.prepare(pair / "carved", read_cmoe_config(pair / "carved"), config, None, True)
+    teacher = run.teacher
+    run.cache_teacher(progress=False)
+    assert run.teacher is None and len(run.teacher_targets) == 3
+    for i, kept in enumerate(run.teacher_targets):
+        with torch.no_grad():
+            want = sparse_targets(teacher(input_ids=run.windows[i : i + 1]).logits, 5)
+        assert kept.ids.shape == (16, 5)
+        torch.testing.assert_close(kept.log_p, want.log_p, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept.log_tail, want.log_tail, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kept.ids, want.ids)
+
+
 def test_teacher_comes_from_the_carve_report_or_is_asked_for(pair, tmp_path):
     assert teacher_reference(pair / "carved") == str(pair / "dense")
     (tmp_path / REPORT_FILE).write_text(json.dumps({"meta": {}}))
