@@ -345,9 +345,9 @@ class _Run:
         # back or reuse whole: SmolLM2-135M's 128 windows took resident memory from 0.75 to 5.9
         # GiB that way, for 100 MB of targets.
         rows = n * length
-        kept = SparseTargets(torch.empty(rows, k, dtype=torch.float32),
-                             torch.empty(rows, k, dtype=torch.long),
-                             torch.empty(rows, dtype=torch.float32))
+        kept = SparseTargets(torch.empty(rows, k, dtype=torch.float32, device=device),
+                             torch.empty(rows, k, dtype=torch.long, device=device),
+                             torch.empty(rows, dtype=torch.float32, device=device))
         with torch.no_grad(), progress_bar(
             -(-n // bs), "teacher targets", enabled=progress and self.main
         ) as bar:
@@ -358,7 +358,7 @@ class _Run:
                 del logits
                 done = slice(first * length, first * length + batch.log_p.shape[0])
                 for name in ("log_p", "ids", "log_tail"):
-                    getattr(kept, name)[done] = getattr(batch, name).cpu()
+                    getattr(kept, name)[done] = getattr(batch, name)
                 del batch
                 bar.advance()
         self.teacher_targets = [kept[i * length : (i + 1) * length] for i in range(n)]
