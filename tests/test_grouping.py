@@ -297,3 +297,18 @@ def test_sparse_and_dense_marker_paths_group_alike():
         return sum(((feats[e] - feats[e].mean(0)) ** 2).sum().item() for e in layout.experts[2:])
 
     assert objective(a) == pytest.approx(objective(b), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [5, 12, 14, 15, 16, 30])
+def test_squared_distances_match_the_direct_differences_for_padded_and_plain_counts(k):
+    # 12-15 and 28-31 centroids go through the zero-padded product; the others do not.
+    from cmoe_carve.grouping import squared_distances
+
+    gen = torch.Generator().manual_seed(k)
+    features = torch.randn(200, 64, generator=gen)
+    centroids = torch.randn(k, 64, generator=gen)
+    direct = (features[:, None, :] - centroids[None, :, :]).pow(2).sum(-1)
+    got = squared_distances(features, centroids)
+    assert got.shape == (200, k)
+    torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-4)
+    assert got.argmin(1).tolist() == direct.argmin(1).tolist()
