@@ -16,6 +16,7 @@ from cmoe_carve.grouping import (
     representatives,
     select_shared,
     sparse_marker_features,
+    squared_distances,
 )
 from cmoe_carve.transport import balanced_transport, repair
 
@@ -302,8 +303,6 @@ def test_sparse_and_dense_marker_paths_group_alike():
 @pytest.mark.parametrize("k", [5, 12, 14, 15, 16, 30])
 def test_squared_distances_match_the_direct_differences_for_padded_and_plain_counts(k):
     # 12-15 and 28-31 centroids go through the zero-padded product; the others do not.
-    from cmoe_carve.grouping import squared_distances
-
     gen = torch.Generator().manual_seed(k)
     features = torch.randn(200, 64, generator=gen)
     centroids = torch.randn(k, 64, generator=gen)
