@@ -124,17 +124,30 @@ class SparseTargets:
     ids: torch.Tensor
     log_tail: torch.Tensor
 
+    @staticmethod
+    def empty(rows: int, k: int, device=None) -> "SparseTargets":
+        """Room for the targets of `rows` tokens, in the dtypes `sparse_targets` makes."""
+        return SparseTargets(torch.empty(rows, k, dtype=torch.float32, device=device),
+                             torch.empty(rows, k, dtype=torch.long, device=device),
+                             torch.empty(rows, dtype=torch.float32, device=device))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.log_p, self.ids, self.log_tail
+
     def __getitem__(self, rows) -> "SparseTargets":
-        return SparseTargets(self.log_p[rows], self.ids[rows], self.log_tail[rows])
+        return SparseTargets(*(t[rows] for t in self.tensors()))
+
+    def __setitem__(self, rows, value: "SparseTargets") -> None:
+        for mine, theirs in zip(self.tensors(), value.tensors()):
+            mine[rows] = theirs
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.log_p, self.ids, self.log_tail))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @staticmethod
     def cat(parts: list["SparseTargets"]) -> "SparseTargets":
-        return SparseTargets(*(torch.cat([getattr(p, n) for p in parts])
-                               for n in ("log_p", "ids", "log_tail")))
+        return SparseTargets(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
 
 
 def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> SparseTargets:

@@ -344,10 +344,7 @@ class _Run:
         # logits of the batches after it, which the heap (`memory_reuse`) then cannot give
         # back or reuse whole: SmolLM2-135M's 128 windows took resident memory from 0.75 to 5.9
         # GiB that way, for 100 MB of targets.
-        rows = n * length
-        kept = SparseTargets(torch.empty(rows, k, dtype=torch.float32, device=device),
-                             torch.empty(rows, k, dtype=torch.long, device=device),
-                             torch.empty(rows, dtype=torch.float32, device=device))
+        kept = SparseTargets.empty(n * length, k, device)
         with torch.no_grad(), progress_bar(
             -(-n // bs), "teacher targets", enabled=progress and self.main
         ) as bar:
@@ -356,9 +353,7 @@ class _Run:
                 logits = teacher(input_ids=ids, use_cache=False).logits
                 batch = sparse_targets(logits, k, config.temperature)
                 del logits
-                done = slice(first * length, first * length + batch.log_p.shape[0])
-                for name in ("log_p", "ids", "log_tail"):
-                    getattr(kept, name)[done] = getattr(batch, name)
+                kept[first * length : first * length + batch.log_p.shape[0]] = batch
                 del batch
                 bar.advance()
         self.teacher_targets = [kept[i * length : (i + 1) * length] for i in range(n)]
