@@ -55,6 +55,7 @@ def finetune_command(
     distill: bool = typer.Option(False, help=_h("distill")),
     teacher: Optional[str] = typer.Option(None, help=_h("teacher"), show_default=False),
     teacher_dtype: str = typer.Option("auto", help=_h("teacher_dtype")),
+    teacher_beside: bool = typer.Option(False, help=_h("teacher_beside")),
     temperature: float = typer.Option(1.0, help=_h("temperature")),
     distill_hidden: float = typer.Option(0.0, help=_h("distill_hidden")),
     distill_ce: Optional[float] = typer.Option(None, help=_h("distill_ce"), show_default=False),
@@ -79,7 +80,7 @@ def finetune_command(
         max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, precision=precision,
         save_every=save_every, distill=distill, teacher=teacher, teacher_dtype=teacher_dtype,
-        temperature=temperature,
+        teacher_beside=teacher_beside, temperature=temperature,
         distill_hidden=distill_hidden, distill_ce=distill_ce, distill_topk=distill_topk, neuron_keep=neuron_keep, shared_neuron_keep=shared_neuron_keep,
     )
     result = finetune(

@@ -41,6 +41,14 @@ from .finetune_config import (  # noqa: F401 (the public names, importable from 
     StepInfo,
 )
 from .finetune_output import write_output
+from .finetune_state import (  # noqa: F401 (state_path: importable from here as before)
+    CHECKPOINT_FORMAT,
+    check_resumable,
+    checkpoint_fingerprint,
+    router_biases,
+    state_path,
+    trainable_state,
+)
 from .finetune_trainable import (  # noqa: F401 (importable from here as before)
     lora_targets,
     lr_factor,
@@ -52,50 +60,15 @@ from .finetune_trainable import (  # noqa: F401 (importable from here as before)
 from .preflight import check_finetune_inputs
 from .progress import progress_bar
 from .state_io import load_state, save_state
+from .teacher_targets import (
+    TEACHER_CACHE_BYTES,
+    TeacherTargets,
+    batch_order,
+    cacheable,
+    overlap_steps,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1  # version of the periodic training state file
-# Fields that may differ between an interrupted run and its resumption: they change neither the
-# arithmetic nor the order of the data.
-RESUMABLE_CHANGES = ("save_every", "gradient_checkpointing")
-
-# ----------------------------------------------------------------------------------------------
-# Resumable state
-
-
-def state_path(out: Path) -> Path:
-    """Where the periodic training state of a run writing `out` lives (beside `out`)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.finetune-state.safetensors"  # never a pickle: state_io
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _router_biases(mlps) -> torch.Tensor:
-    return torch.stack([m.router.bias.detach().cpu().clone() for m in mlps])  # [L, Nr]
-
-
-def check_resumable(state: dict, identity: dict) -> None:
-    """Refuse a saved state that belongs to a different run, naming what differs."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"training state format {state.get('format')} is not {CHECKPOINT_FORMAT}")
-    saved, now = dict(state["identity"]), dict(identity)
-    for key in RESUMABLE_CHANGES:
-        saved["config"].pop(key, None)
-        now["config"].pop(key, None)
-    diffs = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in now["config"].items()
-             if saved["config"].get(k) != v]
-    diffs += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-              if k != "config" and saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(
-            "the saved training state belongs to a different run (" + "; ".join(diffs) + "): "
-            "rerun with the same options, or without --resume and with --overwrite to start over"
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # The run
@@ -109,11 +82,6 @@ def _precision(config: FinetuneConfig, cpu: bool) -> str:
         return config.precision
     gpu = torch.cuda.is_available() and not cpu
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-
-
-def _checkpoint_fingerprint(carved_dir: Path) -> dict:
-    files = sorted(carved_dir.glob("*.safetensors"))
-    return {"weights": [(f.name, f.stat().st_size) for f in files]}
 
 
 def finetune(
@@ -155,7 +123,7 @@ def finetune(
         start = run.restore(state_file)
     elif resume and run.main:
         log.warning("no saved state at %s: starting from the first step", state_file)
-    run.cache_teacher(progress)
+    run.cache_teacher(progress, start)
     run.train(start, state_file, progress, step_callback)
 
     accelerator, history = run.accelerator, run.history
@@ -179,11 +147,6 @@ def finetune(
                           summary["loss_first"], summary["loss_last"])
 
 
-# The most memory the teacher's cached top-k targets may take (12 bytes per kept id and token:
-# 128 x 512 tokens at k = 128 take 100 MB); beyond it the teacher runs at every step instead.
-TEACHER_CACHE_BYTES = 4 * 2**30
-
-
 @dataclass
 class _Run:
     """One training run: what it holds, and the parts of its loop."""
@@ -200,9 +163,12 @@ class _Run:
     plan: list[list[torch.Tensor]]  # step -> micro-batches of window indices
     identity: dict  # what a saved state must match to be resumed
     teacher: nn.Module | None = None  # the frozen dense model of --distill
-    # The teacher's top-k targets per window (--distill-topk), made once before training; the
-    # teacher itself is then dropped. None: the teacher runs at every step.
-    teacher_targets: list | None = None
+    # The teacher's top-k targets of every window (--distill-topk), made once (with
+    # --teacher-beside, beside the steps before `teacher_until`); the teacher is then dropped.
+    # None: the teacher runs at every step.
+    teacher_targets: TeacherTargets | None = None
+    teacher_until: int = 0  # the step before which the teacher's thread is joined
+    threads: int = 0  # the CPU threads to train on once the teacher's thread is joined
     history: dict = field(
         default_factory=lambda: {"losses": [], "load": [], "seconds": 0.0, "resumed_at": []}
     )
@@ -268,7 +234,7 @@ class _Run:
         identity = {
             "config": config.to_dict(),
             "data_sha256": source.sha256,
-            "source": _checkpoint_fingerprint(carved_dir),
+            "source": checkpoint_fingerprint(carved_dir),
             "processes": accelerator.num_processes,
         }
         return cls(config, accelerator, model, tokenizer, optimizer, scheduler, mlps, source,
@@ -293,8 +259,8 @@ class _Run:
             "format": CHECKPOINT_FORMAT,
             "identity": self.identity,
             "step": step,
-            "trainable": _trainable_state(self.accelerator.unwrap_model(self.model)),
-            "router_bias": _router_biases(self.mlps),
+            "trainable": trainable_state(self.accelerator.unwrap_model(self.model)),
+            "router_bias": router_biases(self.mlps),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -321,46 +287,64 @@ class _Run:
             log.info("resuming from step %d of %d (%s)", state["step"], len(self.plan), state_file)
         return state["step"]
 
-    def cache_teacher(self, progress: bool) -> None:
-        """The teacher's top-k targets of every window, once, in window order and in batches of
-        --batch-size (so a resumed run makes the same ones), then the teacher is dropped: the
-        epochs after the first cost no teacher forward, and no step holds both models' logits.
-        Not with --distill-hidden (its targets are the teacher's hidden states at every step)
-        nor where the targets would take more than TEACHER_CACHE_BYTES."""
-        from .distill import SparseTargets, sparse_targets
-
+    def cache_teacher(self, progress: bool, start: int = 0) -> None:
+        """The teacher's top-k targets of every window, once (`teacher_targets`): the epochs
+        after the first cost no teacher forward, and no step holds both models' logits. With
+        --teacher-beside on a CPU the teacher starts in its own thread, one CPU thread each for
+        it and for the steps until `teacher_until`; otherwise it runs to the end first. Not with --distill-hidden
+        (its targets are the teacher's hidden states at every step) nor where the targets would
+        take more than TEACHER_CACHE_BYTES."""
         config, teacher = self.config, self.teacher
         if teacher is None or not config.distill_topk or config.distill_hidden > 0:
             return
         n, length = self.windows.shape
         k = min(config.distill_topk, teacher.get_output_embeddings().weight.shape[0] - 1)
-        if n * length * (k * 12 + 4) > TEACHER_CACHE_BYTES:
+        if not cacheable(n, length, k):
             log.info("the teacher's targets would not fit in %.1f GiB: it runs at every step",
                      TEACHER_CACHE_BYTES / 2**30)
             return
-        start, bs, device = time.perf_counter(), config.batch_size, self.accelerator.device
-        # Every window's targets go into rows of three tensors made before the teacher runs.
-        # Kept as the small tensors of each batch, they would be scattered between the freed
-        # logits of the batches after it, which the heap (`memory_reuse`) then cannot give
-        # back or reuse whole: SmolLM2-135M's 128 windows took resident memory from 0.75 to 5.9
-        # GiB that way, for 100 MB of targets.
-        kept = SparseTargets.empty(n * length, k, device)
-        with torch.no_grad(), progress_bar(
-            -(-n // bs), "teacher targets", enabled=progress and self.main
-        ) as bar:
-            for first in range(0, n, bs):
-                ids = self.windows[first : first + bs].to(device)
-                logits = teacher(input_ids=ids, use_cache=False).logits
-                batch = sparse_targets(logits, k, config.temperature)
-                del logits
-                kept[first * length : first * length + batch.log_p.shape[0]] = batch
-                del batch
-                bar.advance()
-        self.teacher_targets = [kept[i * length : (i + 1) * length] for i in range(n)]
+        acc = self.accelerator
+        targets = TeacherTargets(teacher, self.windows, config.batch_size, k,
+                                 config.temperature, acc.device)
+        self.teacher_targets = targets
+        order = batch_order(n, config.batch_size, self.plan, start)
+        self.teacher_until = overlap_steps(n, config, self.plan, start, acc.device,
+                                           acc.num_processes)
+        if self.teacher_until > start:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            targets.start(order)
+            self.history["teacher_beside_steps"] = self.teacher_until - start
+        else:
+            targets.make(order, progress and self.main)
+            self._teacher_done()
+
+    def _teacher_done(self) -> None:
+        """Wait for the teacher's last target, drop the teacher, train on every thread again."""
+        targets = self.teacher_targets
+        if targets is None or targets.teacher is None:
+            return
+        try:
+            targets.join()
+        finally:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+        targets.release()
         self.teacher = None
-        self.history["teacher_seconds"] = self.history.get("teacher_seconds", 0.0) + (
-            time.perf_counter() - start
-        )
+        self.history["teacher_seconds"] = self.history.get("teacher_seconds", 0.0) + targets.seconds
+
+    @contextlib.contextmanager
+    def _teacher_stopped_on_exit(self):
+        """If training ends early (an error, an interrupt), stop the teacher's thread and give
+        the process its CPU threads back."""
+        try:
+            yield
+        finally:
+            targets = self.teacher_targets
+            if targets is not None and targets.teacher is not None:  # not joined
+                targets.stop()
+                if self.threads:
+                    torch.set_num_threads(self.threads)
 
     def step(self, index: int, recorder: RoutingRecorder, first: bool) -> tuple[float, torch.Tensor]:
         """One optimizer step and the bias update after it: (mean loss, routing counts [L, Nr])."""
@@ -407,7 +391,7 @@ class _Run:
         hidden = config.distill_hidden > 0
         ref = None
         if self.teacher_targets is not None:
-            targets = SparseTargets.cat([self.teacher_targets[i] for i in windows.tolist()])
+            targets = self.teacher_targets.get(windows.tolist())
             targets = SparseTargets(*(t.to(ids.device) for t in
                                       (targets.log_p, targets.ids, targets.log_tail)))
         else:
@@ -440,11 +424,14 @@ class _Run:
         log_every = max(1, total // 20)  # without a progress bar, about 20 log lines
         run_start, run_tokens = time.perf_counter(), 0
         self.model.train()
+        targets = self.teacher_targets
         with RoutingRecorder(self.mlps) as recorder, progress_bar(
             total, "finetuning", enabled=progress and self.main
-        ) as bar:
+        ) as bar, self._teacher_stopped_on_exit():
             bar.advance(start)
             for index in range(start, total):
+                if index == self.teacher_until:
+                    self._teacher_done()
                 step_start = time.perf_counter()
                 loss, counts = self.step(index, recorder, first=index == start)
                 balance = max_over_mean(counts).mean().item()  # mean over layers
@@ -454,6 +441,8 @@ class _Run:
                 self.history["seconds"] += time.perf_counter() - step_start
                 tok_s = run_tokens / (time.perf_counter() - run_start)
                 info = f"loss {loss:.3f} | {tok_s:,.0f} tok/s | load max/mean {balance:.2f}"
+                if targets is not None and targets.running:
+                    info += f" | teacher {targets.made}/{targets.batches}"
                 bar.advance(info=info)
                 done = index + 1
                 if self.main and not progress and (done % log_every == 0 or done == total):
@@ -464,6 +453,7 @@ class _Run:
                         save_state(state_file, self.snapshot(done))
                 if callback is not None:
                     callback(StepInfo(done, total, loss, tok_s, balance, self.model))
+            self._teacher_done()  # a plan no longer than the steps beside the teacher
         self.model.eval()
         self.accelerator.wait_for_everyone()
 

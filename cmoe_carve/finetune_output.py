@@ -51,8 +51,11 @@ def write_output(model, tokenizer, carved_dir, out, cmoe, config, source, summar
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
         "resumed_at_steps": history["resumed_at"],
-        # The --distill teacher's targets, made once before training (outside "seconds").
+        # The --distill teacher's targets, made once: on a CPU in a thread of their own beside
+        # the first `teacher_beside_steps` steps (whose "seconds" then include the wait for
+        # any not yet made), elsewhere before training (outside "seconds").
         "teacher_seconds": round(history.get("teacher_seconds", 0.0), 4),
+        "teacher_beside_steps": history.get("teacher_beside_steps", 0),
         "losses": [round(v, 5) for v in history["losses"]],
         "load_max_over_mean": history["load"],
         "router_scale_abs_mean": [round(m.router.scale.abs().mean().item(), 6) for m in mlps],

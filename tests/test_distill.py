@@ -244,8 +244,10 @@ def test_each_window_keeps_its_own_teacher_targets_in_batches_with_a_short_last_
     run = _Run.prepare(pair / "carved", read_cmoe_config(pair / "carved"), config, None, True)
     teacher = run.teacher
     run.cache_teacher(progress=False)
-    assert run.teacher is None and len(run.teacher_targets) == 3
-    for i, kept in enumerate(run.teacher_targets):
+    run._teacher_done()  # on a CPU the teacher works in a thread of its own: wait for it
+    assert run.teacher is None and run.teacher_targets.batches == 2
+    for i in range(3):
+        kept = run.teacher_targets.get([i])
         with torch.no_grad():
             want = sparse_targets(teacher(input_ids=run.windows[i : i + 1]).logits, 5)
         assert kept.ids.shape == (16, 5)
@@ -276,6 +278,8 @@ def test_distill_options_need_distill():
         FinetuneConfig(distill_ce=1.0)
     with pytest.raises(FinetuneError, match="need --distill"):
         FinetuneConfig(distill_topk=64)
+    with pytest.raises(FinetuneError, match="need --distill"):
+        FinetuneConfig(teacher_beside=True)
     with pytest.raises(FinetuneError, match="--distill-topk"):
         FinetuneConfig(distill=True, distill_topk=-1)
     assert FinetuneConfig(distill=True).distill_topk == 128
