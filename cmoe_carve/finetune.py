@@ -66,6 +66,7 @@ from .teacher_targets import (
     batch_order,
     cacheable,
     overlap_steps,
+    thread_split,
 )
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,9 @@ def finetune(
         start = run.restore(state_file)
     elif resume and run.main:
         log.warning("no saved state at %s: starting from the first step", state_file)
-    run.cache_teacher(progress, start)
-    run.train(start, state_file, progress, step_callback)
+    with run.teacher_stopped_on_exit():
+        run.cache_teacher(progress, start)
+        run.train(start, state_file, progress, step_callback)
 
     accelerator, history = run.accelerator, run.history
     losses = history["losses"]
@@ -290,12 +292,14 @@ class _Run:
     def cache_teacher(self, progress: bool, start: int = 0) -> None:
         """The teacher's top-k targets of every window, once (`teacher_targets`): the epochs
         after the first cost no teacher forward, and no step holds both models' logits. With
-        --teacher-beside on a CPU the teacher starts in its own thread, one CPU thread each for
-        it and for the steps until `teacher_until`; otherwise it runs to the end first. Not with --distill-hidden
-        (its targets are the teacher's hidden states at every step) nor where the targets would
-        take more than TEACHER_CACHE_BYTES."""
+        --teacher-beside on a CPU the teacher starts in its own thread, half the CPU threads
+        each for it and for the steps until `teacher_until`; otherwise it runs to the end
+        first. Not with --distill-hidden (its targets are the teacher's hidden states at every
+        step) nor where the targets would take more than TEACHER_CACHE_BYTES."""
         config, teacher = self.config, self.teacher
         if teacher is None or not config.distill_topk or config.distill_hidden > 0:
+            if teacher is not None and config.teacher_beside:
+                log.info("--teacher-beside has no targets to make: the teacher runs at every step")
             return
         n, length = self.windows.shape
         k = min(config.distill_topk, teacher.get_output_embeddings().weight.shape[0] - 1)
@@ -310,12 +314,17 @@ class _Run:
         order = batch_order(n, config.batch_size, self.plan, start)
         self.teacher_until = overlap_steps(n, config, self.plan, start, acc.device,
                                            acc.num_processes)
+        # The steps this process trains beside the teacher (a resumed run: its own).
+        self.history["teacher_beside_steps"] = self.teacher_until - start
         if self.teacher_until > start:
             self.threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            targets.start(order)
-            self.history["teacher_beside_steps"] = self.teacher_until - start
+            student, teacher_threads = thread_split(self.threads)
+            torch.set_num_threads(student)
+            targets.start(order, teacher_threads)
         else:
+            if config.teacher_beside and start == 0:
+                log.info("--teacher-beside needs a CPU, one process and two or more threads: "
+                         "the teacher runs first")
             targets.make(order, progress and self.main)
             self._teacher_done()
 
@@ -334,7 +343,7 @@ class _Run:
         self.history["teacher_seconds"] = self.history.get("teacher_seconds", 0.0) + targets.seconds
 
     @contextlib.contextmanager
-    def _teacher_stopped_on_exit(self):
+    def teacher_stopped_on_exit(self):
         """If training ends early (an error, an interrupt), stop the teacher's thread and give
         the process its CPU threads back."""
         try:
@@ -425,14 +434,14 @@ class _Run:
         run_start, run_tokens = time.perf_counter(), 0
         self.model.train()
         targets = self.teacher_targets
-        with RoutingRecorder(self.mlps) as recorder, progress_bar(
+        with self.teacher_stopped_on_exit(), RoutingRecorder(self.mlps) as recorder, progress_bar(
             total, "finetuning", enabled=progress and self.main
-        ) as bar, self._teacher_stopped_on_exit():
+        ) as bar:
             bar.advance(start)
             for index in range(start, total):
+                step_start = time.perf_counter()  # a wait for the teacher counts as training
                 if index == self.teacher_until:
                     self._teacher_done()
-                step_start = time.perf_counter()
                 loss, counts = self.step(index, recorder, first=index == start)
                 balance = max_over_mean(counts).mean().item()  # mean over layers
                 run_tokens += len(self.plan[index]) * self.tokens_per_micro

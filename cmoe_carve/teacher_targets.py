@@ -4,16 +4,15 @@ The teacher runs forward only, each window once, in batches of --batch-size in w
 (so a resumed run makes the same ones), and is dropped once every window has its targets.
 
 With --teacher-beside, on a CPU, it runs in a thread of its own beside the first optimizer
-steps, one core each: a student step gains less from a second core than the teacher's dense
-matmuls do (SmolLM2-135M's S2A2E16 carve on a 2-core AVX2 EPYC: a step 2.8 s on two threads
-and 4.4 s on one, a teacher window 1.25 s and 2.3 s), so side by side both finish sooner than
-in turn. The batches are made in the order the plan first asks for their windows; a step that
-needs one not yet made waits for it.
+steps, each side on half the CPU threads (one each on two cores): a student step gains less
+from a second core than the teacher's dense matmuls do (SmolLM2-135M's S2A2E16 carve on a
+2-core AVX2 EPYC: a step 2.8 s on two threads and 4.4 s on one, a teacher window 1.25 s and
+2.3 s), so side by side both finish sooner than in turn. The batches are made in the order the
+plan first asks for their windows; a step that needs one not yet made waits for it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -23,8 +22,6 @@ from torch import nn
 
 from .distill import SparseTargets, sparse_targets
 from .progress import progress_bar
-
-log = logging.getLogger(__name__)
 
 # The most memory the cached targets may take (12 bytes per kept id and token: 128 x 512 tokens
 # at k = 128 take 100 MB); beyond it the teacher runs at every step instead.
@@ -56,6 +53,12 @@ def batch_order(n_windows: int, batch_size: int, plan: list, start: int) -> list
     batches = range(-(-n_windows // batch_size))
     never = len(plan) + 1
     return [b * batch_size for b in sorted(batches, key=lambda b: (first_use.get(b, never), b))]
+
+
+def thread_split(threads: int) -> tuple[int, int]:
+    """CPU threads for (the student, the teacher) while they run side by side."""
+    teacher = max(1, threads // 2)
+    return threads - teacher, teacher
 
 
 def overlap_steps(n_windows: int, config, plan: list, start: int, device: torch.device,
@@ -96,15 +99,18 @@ class TeacherTargets:
     def batches(self) -> int:
         return len(self.ready)
 
-    def make(self, order: list[int], progress: bool = False) -> None:
-        """Make the targets of the batches starting at `order`'s windows, in that order."""
+    def make(self, order: list[int], progress: bool = False, threads: int | None = None) -> None:
+        """Make the targets of the batches starting at `order`'s windows, in that order (on
+        `threads` CPU threads where given)."""
         start, length, bs = time.perf_counter(), self.windows.shape[1], self.batch_size
         try:
+            if threads is not None:
+                torch.set_num_threads(threads)
             with torch.no_grad(), progress_bar(len(order), "teacher targets",
                                                enabled=progress) as bar:
                 for first in order:
                     if self._stop.is_set():
-                        return
+                        raise RuntimeError("the teacher was stopped")
                     ids = self.windows[first : first + bs].to(self.device)
                     logits = self.teacher(input_ids=ids, use_cache=False).logits
                     batch = sparse_targets(logits, self.k, self.temperature)
@@ -114,23 +120,19 @@ class TeacherTargets:
                     self.made += 1
                     self.ready[first // bs].set()
                     bar.advance()
-        except BaseException as exc:  # handed to the training thread by `get`
+        except BaseException as exc:  # handed to whoever waits in `get` or `join`
             self.error = exc
-            for event in self.ready:
+            for event in self.ready:  # no wait for a batch that will never come
                 event.set()
             if self._thread is None:
                 raise
         finally:
             self.seconds += time.perf_counter() - start
 
-    def start(self, order: list[int], threads: int = 1) -> None:
+    def start(self, order: list[int], threads: int) -> None:
         """Make the targets in a background thread on `threads` CPU threads."""
-
-        def work():
-            torch.set_num_threads(threads)
-            self.make(order)
-
-        self._thread = threading.Thread(target=work, name="cmoe-teacher", daemon=True)
+        self._thread = threading.Thread(target=self.make, args=(order, False, threads),
+                                        name="cmoe-teacher", daemon=True)
         self._thread.start()
 
     @property
@@ -147,7 +149,7 @@ class TeacherTargets:
     def stop(self) -> None:
         """Ask the background teacher to stop after its current batch, and wait for it."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join()
 
     def release(self) -> None:

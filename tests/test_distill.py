@@ -244,7 +244,6 @@ def test_each_window_keeps_its_own_teacher_targets_in_batches_with_a_short_last_
     run = _Run.prepare(pair / "carved", read_cmoe_config(pair / "carved"), config, None, True)
     teacher = run.teacher
     run.cache_teacher(progress=False)
-    run._teacher_done()  # on a CPU the teacher works in a thread of its own: wait for it
     assert run.teacher is None and run.teacher_targets.batches == 2
     for i in range(3):
         kept = run.teacher_targets.get([i])

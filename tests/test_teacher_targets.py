@@ -10,7 +10,7 @@ import torch
 
 from cmoe_carve.checkpoint import REPORT_FILE, read_cmoe_config
 from cmoe_carve.finetune import FinetuneConfig, _Run, finetune
-from cmoe_carve.teacher_targets import batch_order, overlap_steps
+from cmoe_carve.teacher_targets import batch_order, overlap_steps, thread_split
 from test_distill import pair  # noqa: F401 (the fixture)
 
 
@@ -48,6 +48,12 @@ def test_steps_beside_the_teacher_follow_the_plan_and_only_on_a_cpu():
         torch.set_num_threads(threads)
 
 
+def test_the_threads_are_shared_half_and_half_the_student_keeping_an_odd_one():
+    assert thread_split(2) == (1, 1)
+    assert thread_split(3) == (2, 1)
+    assert thread_split(16) == (8, 8)
+
+
 def _config(pair, **overrides):
     values = dict(data=str(pair / "train.txt"), samples=8, seqlen=16, lr=1e-3, save_every=0,
                   distill=True, mode="full", teacher_dtype="fp32")
@@ -83,7 +89,8 @@ def test_a_teacher_that_fails_in_its_thread_stops_the_run(pair, monkeypatch):  #
     monkeypatch.setattr(run.teacher, "forward", broken)
     run.cache_teacher(progress=False)
     with pytest.raises(RuntimeError, match="teacher stopped") as caught:
-        run.train(0, pair / ".unused-state", False, None)
+        with run.teacher_stopped_on_exit():
+            run.train(0, pair / ".unused-state", False, None)
     assert isinstance(caught.value.__cause__, MemoryError)
     assert torch.get_num_threads() == threads
 
