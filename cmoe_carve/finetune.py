@@ -401,8 +401,7 @@ class _Run:
         ref = None
         if self.teacher_targets is not None:
             targets = self.teacher_targets.get(windows.tolist())
-            targets = SparseTargets(*(t.to(ids.device) for t in
-                                      (targets.log_p, targets.ids, targets.log_tail)))
+            targets = SparseTargets(*(t.to(ids.device) for t in targets.tensors()))
         else:
             with torch.no_grad():
                 ref = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
@@ -434,7 +433,7 @@ class _Run:
         run_start, run_tokens = time.perf_counter(), 0
         self.model.train()
         targets = self.teacher_targets
-        with self.teacher_stopped_on_exit(), RoutingRecorder(self.mlps) as recorder, progress_bar(
+        with RoutingRecorder(self.mlps) as recorder, progress_bar(
             total, "finetuning", enabled=progress and self.main
         ) as bar:
             bar.advance(start)

@@ -170,21 +170,28 @@ def test_bias_update_balances_an_imbalanced_batch():
     assert routing_counts(mlp.route(x)[2], 6).sum() == 512 * 2
 
 
+class Interrupt(Exception):
+    """What `interrupt_after` raises: a run stopped as a crash would stop it."""
+
+
+def interrupt_after(step: int):
+    """A step callback that stops the run after optimizer step `step`."""
+
+    def callback(info):
+        if info.step == step:
+            raise Interrupt
+
+    return callback
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(carved):
     # 8 windows, 2 per step: 4 steps; state saved at step 2; interrupted after step 3.
     config = tiny_config(carved, samples=8, grad_accum=2, save_every=2)
     finetune(carved / "carved", carved / "full", config, progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def interrupt(info):
-        if info.step == 3:
-            raise Interrupt
-
     out = carved / "resumed"
     with pytest.raises(Interrupt):
-        finetune(carved / "carved", out, config, progress=False, step_callback=interrupt)
+        finetune(carved / "carved", out, config, progress=False,
+                 step_callback=interrupt_after(3))
     assert not out.exists() and state_path(out).is_file()  # no finished-looking directory
     with pytest.raises(CheckpointError, match="--resume"):
         finetune(carved / "carved", out, config, progress=False)

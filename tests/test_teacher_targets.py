@@ -12,6 +12,7 @@ from cmoe_carve.checkpoint import REPORT_FILE, read_cmoe_config
 from cmoe_carve.finetune import FinetuneConfig, _Run, finetune
 from cmoe_carve.teacher_targets import batch_order, overlap_steps, thread_split
 from test_distill import pair  # noqa: F401 (the fixture)
+from test_finetune import Interrupt, interrupt_after
 
 
 def _plan(*steps):
@@ -108,17 +109,9 @@ def test_a_run_resumed_beside_the_teacher_ends_as_the_uninterrupted_one(pair):  
         pytest.skip("one CPU thread: the teacher runs before training")
     config = _config(pair, teacher_beside=True, save_every=2)
     finetune(pair / "carved", pair / "whole", config, progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def interrupt(info):
-        if info.step == 3:
-            raise Interrupt
-
     out = pair / "interrupted"
     with pytest.raises(Interrupt):
-        finetune(pair / "carved", out, config, progress=False, step_callback=interrupt)
+        finetune(pair / "carved", out, config, progress=False, step_callback=interrupt_after(3))
     assert state_path(out).is_file() and torch.get_num_threads() == threads
     finetune(pair / "carved", out, config, resume=True, progress=False)
     a, b = load_file(pair / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
