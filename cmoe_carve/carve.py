@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .budget import allocate_budgets
+from .dense_ahead import DenseStream, beside_layers, runs_beside
 from .errors import ModelError, SpecError
 from .layer_calls import (
     adds_ffn_to_stream,
@@ -25,7 +26,6 @@ from .layer_calls import (
     no_cache,
     Recorded,
     recording_layers,
-    run_layer,
     stream_goal,
     window_batches,
 )
@@ -147,6 +147,13 @@ class CarveConfig:
     shared_neuron_keep: float = field(
         default=1.0, metadata={"help": "MoNE keep ratio of the shared experts; 1.0 is off"}
     )
+    dense_beside: bool = field(
+        default=True,
+        metadata={
+            "help": "on a CPU, make the dense model's own stream (stream targets) in a thread "
+            "beside the carve's first layers, each on half the threads"
+        },
+    )
 
     def __post_init__(self):
         from .mone import check_ratio
@@ -245,6 +252,8 @@ class CarveResult:
     seconds: float
     num_tokens: int
     cmoe: dict  # what goes into the checkpoint's config
+    # Seconds the dense stream's thread ran beside the carve's first layers (None: no thread).
+    dense_beside_seconds: float | None = None
 
 
 def carve_model(
@@ -294,52 +303,19 @@ def carve_model(
     # Stream targets need the dense model's own hidden states, carried beside the carved ones
     # (not at --stream-mix 0, whose target is the dense FFN's output alone).
     streams = config.refit and config.refit_target == "stream" and config.stream_mix > 0
-    dense_hidden = hidden if streams else None
-
-    reports: list[LayerReport] = []
-    layer_costs: list[torch.Tensor] = []
-    with progress_bar(len(names), "carving layers", enabled=progress) as bar:
-        for name, layer, prefix, (args, kwargs) in zip(names, layers, prefixes, layer_args):
-            t0 = time.perf_counter()
-            facts = {}
-            if layer_io is not None:
-                layer_io.load(prefix, layer)
-            mlp = model.get_submodule(name)
-
-            residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
-            batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
-            dense_next = None
-            if dense_hidden is not None:
-                with torch.no_grad():  # the dense layer on the dense stream, before carving it
-                    dense_next = run_layer(layer, dense_hidden, args, kwargs, batches)
-            mids: list[torch.Tensor] = []
-            mid_hook = capture_ffn_residual(layer, mids) if dense_next is not None else None
-            carve_fn = functools.partial(
-                carve_mlp, config=config, act_name=act_name, name=name, facts=facts,
-                residual=residual, stream_goal=stream_goal(dense_next, mids),
-                free_dense=layer_io is not None,
-            )
-            try:
-                with torch.no_grad():
-                    hidden, carved = carve_layer(model, name, mlp, layer, hidden, args, kwargs,
-                                                  batches, carve_fn, mid_hook)
-            except BaseException:
-                replace_module(model, name, mlp)
-                raise
-            finally:
-                if mid_hook is not None:
-                    mid_hook.remove()
-            if dense_hidden is not None:
-                dense_hidden = dense_next
-            replace_module(model, name, carved)
-            if config.adaptive:
-                layer_costs.append(facts["cost"])
-            if layer_io is not None:
-                layer_io.release(prefix, layer)  # the dense MLP went in carve_mlp (free_dense)
-            del mlp, carved, carve_fn
-            seconds = time.perf_counter() - t0
-            reports.append(_layer_report(name, layout, intermediate, facts, seconds))
-            bar.advance(info=f"last layer {seconds:.1f} s")
+    batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
+    dense = DenseStream(layers, hidden, layer_args, batches) if streams else None
+    beside = dense is not None and runs_beside(
+        config.dense_beside, torch.device(device), hidden, len(layers), layer_io is not None)
+    try:
+        if beside:
+            dense.start(beside_layers(len(layers)))
+        reports, layer_costs = _carve_layers(
+            model, names, layers, prefixes, layer_args, hidden, batches, dense, config,
+            act_name, intermediate, layer_io, progress)
+    finally:
+        if dense is not None:
+            dense.stop()
 
     if config.adaptive:
         ks = allocate_budgets(
@@ -369,8 +345,57 @@ def carve_model(
         "base_model_class": type(model).__name__,
     }
     return CarveResult(
-        config, reports, time.perf_counter() - start, int(calib_ids.numel()), cmoe
+        config, reports, time.perf_counter() - start, int(calib_ids.numel()), cmoe,
+        dense.seconds if beside else None,
     )
+
+
+def _carve_layers(model, names, layers, prefixes, layer_args, hidden, batches, dense, config,
+                  act_name, intermediate, layer_io, progress):
+    """Carve the MLPs `names` of `layers` in order, each on the carved stream leaving the one
+    before: (the layers' reports, their adaptive-budget costs)."""
+    layout = config.layout
+    reports: list[LayerReport] = []
+    layer_costs: list[torch.Tensor] = []
+    with progress_bar(len(names), "carving layers", enabled=progress) as bar:
+        for index, (name, layer, prefix, (args, kwargs)) in enumerate(
+                zip(names, layers, prefixes, layer_args)):
+            t0 = time.perf_counter()
+            facts = {}
+            if layer_io is not None:
+                layer_io.load(prefix, layer)
+            mlp = model.get_submodule(name)
+
+            residual = hidden.reshape(-1, hidden.shape[-1])  # this layer's input stream
+            # The dense layer on the dense stream, before carving it.
+            dense_next = dense.take(index) if dense is not None else None
+            mids: list[torch.Tensor] = []
+            mid_hook = capture_ffn_residual(layer, mids) if dense_next is not None else None
+            carve_fn = functools.partial(
+                carve_mlp, config=config, act_name=act_name, name=name, facts=facts,
+                residual=residual, stream_goal=stream_goal(dense_next, mids),
+                free_dense=layer_io is not None,
+            )
+            try:
+                with torch.no_grad():
+                    hidden, carved = carve_layer(model, name, mlp, layer, hidden, args, kwargs,
+                                                  batches, carve_fn, mid_hook)
+            except BaseException:
+                replace_module(model, name, mlp)
+                raise
+            finally:
+                if mid_hook is not None:
+                    mid_hook.remove()
+            replace_module(model, name, carved)
+            if config.adaptive:
+                layer_costs.append(facts["cost"])
+            if layer_io is not None:
+                layer_io.release(prefix, layer)  # the dense MLP went in carve_mlp (free_dense)
+            del mlp, carved, carve_fn, dense_next
+            seconds = time.perf_counter() - t0
+            reports.append(_layer_report(name, layout, intermediate, facts, seconds))
+            bar.advance(info=f"last layer {seconds:.1f} s")
+    return reports, layer_costs
 
 
 def _layer_report(name, layout, intermediate, facts, seconds) -> LayerReport:

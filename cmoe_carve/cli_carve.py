@@ -107,6 +107,12 @@ def carve_command(
     shard_size: float = typer.Option(
         5.0, help="Largest output weight file in GiB when streaming (then an index joins them)."
     ),
+    dense_beside: bool = typer.Option(
+        True,
+        help="On a CPU, make the dense model's own stream (the refit's stream targets) in a "
+        "thread beside the first layers' carve, each on half the CPU threads (faster; the "
+        "carve then rounds as that thread plan does, the same on every run).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out directory."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -131,6 +137,7 @@ def carve_command(
         refit_ridge=_ridge(refit_ridge),
         neuron_keep=neuron_keep,
         shared_neuron_keep=shared_neuron_keep,
+        dense_beside=dense_beside,
     )
     path = carve(
         model,

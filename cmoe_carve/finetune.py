@@ -31,6 +31,7 @@ from torch import nn
 
 from .balance import RoutingRecorder, apply_bias_update, carved_mlps, max_over_mean
 from .checkpoint import check_output_dir, load_carved, read_cmoe_config
+from .cpu_threads import thread_split
 from .errors import CheckpointError
 from .finetune_config import (  # noqa: F401 (the public names, importable from here as before)
     ATTENTION_PROJECTIONS,
@@ -66,7 +67,6 @@ from .teacher_targets import (
     batch_order,
     cacheable,
     overlap_steps,
-    thread_split,
 )
 
 log = logging.getLogger(__name__)

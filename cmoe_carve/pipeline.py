@@ -124,6 +124,8 @@ def _record(loaded, source, ids, seed, dtype, result) -> tuple[dict, dict]:
         "dtype": dtype,
         "carve_seconds": round(result.seconds, 2),
         "torch_threads": torch.get_num_threads(),
+        "dense_beside_seconds": (None if result.dense_beside_seconds is None
+                                 else round(result.dense_beside_seconds, 2)),
     }
     report = {"layers": [asdict(r) for r in result.layers]}
     return meta, report

@@ -55,12 +55,6 @@ def batch_order(n_windows: int, batch_size: int, plan: list, start: int) -> list
     return [b * batch_size for b in sorted(batches, key=lambda b: (first_use.get(b, never), b))]
 
 
-def thread_split(threads: int) -> tuple[int, int]:
-    """CPU threads for (the student, the teacher) while they run side by side."""
-    teacher = max(1, threads // 2)
-    return threads - teacher, teacher
-
-
 def overlap_steps(n_windows: int, config, plan: list, start: int, device: torch.device,
                   processes: int) -> int:
     """The last step (exclusive) trained beside the background teacher; `start` (none) where

@@ -30,8 +30,35 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _faults(mode: str, env=None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+# The same in a thread of its own (the carve's dense stream, the fine-tune's teacher), with
+# tensors past the 64 MiB that a thread's own malloc arena can hold: there glibc maps every one
+# afresh unless all threads share the main heap.
+_THREAD_PROBE = textwrap.dedent("""
+    import resource, sys, threading
+    import torch
+    from cmoe_carve.memory_reuse import reuse_freed_memory
+    applied = reuse_freed_memory() if sys.argv[1] == "tuned" else False
+    def step():
+        x = torch.ones(24 << 20)  # 96 MiB
+        z = x * 2
+        del x, z
+    def run(out):
+        for _ in range(3):
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            step()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    out = []
+    t = threading.Thread(target=run, args=(out,))
+    t.start()
+    t.join()
+    print(applied, out[0])
+""")
+
+
+def _faults(mode: str, env=None, probe: str = _PROBE) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
                          check=True, env=env).stdout.split()
     return out[0], int(out[1])
 
@@ -45,6 +72,17 @@ def test_tuned_malloc_reuses_freed_tensors_without_page_faults():
     pages = 10 * (64 << 20) // resource.getpagesize()  # what x and z take
     assert plain > pages // 2  # each fresh mapping faults its pages in again
     assert tuned < pages // 4  # the freed heap memory is reused (0-25k of 164k here)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tuned_malloc_reuses_a_threads_freed_tensors_too():
+    applied, tuned = _faults("tuned", probe=_THREAD_PROBE)
+    if applied != "True":
+        pytest.skip("this C library has no mallopt (not glibc)")
+    _, plain = _faults("plain", probe=_THREAD_PROBE)
+    pages = 10 * (192 << 20) // resource.getpagesize()  # what x and z take
+    assert plain > pages // 2
+    assert tuned < pages // 4
 
 
 def test_env_switch_leaves_malloc_alone():

@@ -10,7 +10,8 @@ import torch
 
 from cmoe_carve.checkpoint import REPORT_FILE, read_cmoe_config
 from cmoe_carve.finetune import FinetuneConfig, _Run, finetune
-from cmoe_carve.teacher_targets import batch_order, overlap_steps, thread_split
+from cmoe_carve.cpu_threads import thread_split
+from cmoe_carve.teacher_targets import batch_order, overlap_steps
 from test_distill import pair  # noqa: F401 (the fixture)
 from test_finetune import Interrupt, interrupt_after
 
