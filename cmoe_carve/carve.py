@@ -305,13 +305,19 @@ def carve_model(
     streams = config.refit and config.refit_target == "stream" and config.stream_mix > 0
     batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
     dense = DenseStream(layers, hidden, layer_args, batches) if streams else None
+    # One dense layer call's FFN activations (four [tokens, d_h] fp32), beside the carve's own.
+    call_bytes = 16 * intermediate * hidden.shape[1] * max(b - a for a, b in batches)
     beside = dense is not None and runs_beside(
-        config.dense_beside, torch.device(device), hidden, len(layers), layer_io is not None)
+        config.dense_beside, torch.device(device), hidden, len(layers), layer_io is not None,
+        layer_bytes=call_bytes)
+    # The carve's stream moves on layer by layer: this frame must not keep the embeddings.
+    inputs = [hidden]
+    del hidden
     try:
         if beside:
             dense.start(beside_layers(len(layers)))
         reports, layer_costs = _carve_layers(
-            model, names, layers, prefixes, layer_args, hidden, batches, dense, config,
+            model, names, layers, prefixes, layer_args, inputs, batches, dense, config,
             act_name, intermediate, layer_io, progress)
     finally:
         if dense is not None:
@@ -350,11 +356,13 @@ def carve_model(
     )
 
 
-def _carve_layers(model, names, layers, prefixes, layer_args, hidden, batches, dense, config,
+def _carve_layers(model, names, layers, prefixes, layer_args, inputs, batches, dense, config,
                   act_name, intermediate, layer_io, progress):
     """Carve the MLPs `names` of `layers` in order, each on the carved stream leaving the one
-    before: (the layers' reports, their adaptive-budget costs)."""
+    before (the first on `inputs`' one tensor, taken from the list so that only this loop holds
+    it): (the layers' reports, their adaptive-budget costs)."""
     layout = config.layout
+    hidden = inputs.pop()
     reports: list[LayerReport] = []
     layer_costs: list[torch.Tensor] = []
     with progress_bar(len(names), "carving layers", enabled=progress) as bar:

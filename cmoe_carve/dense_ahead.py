@@ -23,23 +23,35 @@ import torch
 
 from .cpu_threads import thread_split
 from .layer_calls import run_layer
+from .streaming import available_memory
 
 # The dense stream's outputs made ahead wait in memory until the carve takes them: beside the
 # carve only where all of them together fit in this (SmolLM2 on 8 x 2,048 tokens: 30 x 38 MB).
 AHEAD_BYTES = 2 << 30
-# Share of the layers carved beside the dense thread. On SmolLM2 a dense layer took 2.4 s on one
-# thread and a carved layer about 4.5 s, so the dense thread ends about half-way through.
+# ... and where they, with the dense layer's own activations (which now overlap the carve's),
+# take at most this share of the memory available when the carve starts.
+AHEAD_MEMORY_SHARE = 0.5
+# Share of the layers carved beside the dense thread. On SmolLM2 a dense layer took 2.4-2.7 s on
+# one thread and a carved layer 4.3-5.5 s, so the dense thread ends about half-way through.
 BESIDE_SHARE = 0.5
 
 
 def runs_beside(enabled: bool, device: torch.device, hidden: torch.Tensor, num_layers: int,
-                streamed: bool) -> bool:
+                streamed: bool, layer_bytes: int = 0, available: int | None = None) -> bool:
     """Whether the dense stream runs in its own thread: asked for, on a CPU with two threads or
     more, the whole model in memory (a streamed carve reads each layer's weights only when it
-    carves it), and every layer's output fitting in AHEAD_BYTES at once."""
-    return (enabled and device.type == "cpu" and not streamed and torch.get_num_threads() >= 2
-            and num_layers > 1
-            and hidden.numel() * hidden.element_size() * num_layers <= AHEAD_BYTES)
+    carves it), every layer's output fitting in AHEAD_BYTES at once, and those outputs with one
+    dense layer call's activations (`layer_bytes`) in AHEAD_MEMORY_SHARE of `available` memory
+    (default: what the host has available now)."""
+    if not (enabled and device.type == "cpu" and not streamed and torch.get_num_threads() >= 2
+            and num_layers > 1):
+        return False
+    held = hidden.numel() * hidden.element_size() * num_layers
+    if held > AHEAD_BYTES:
+        return False
+    if available is None:
+        available = available_memory(device)
+    return held + layer_bytes <= AHEAD_MEMORY_SHARE * available
 
 
 class DenseStream:
@@ -68,10 +80,10 @@ class DenseStream:
         return out
 
     def _run(self, threads: int) -> None:
-        # Grad mode and the thread count are per thread: set both here, not in the caller.
-        torch.set_num_threads(threads)
-        t0 = time.perf_counter()
         try:
+            # Grad mode and the thread count are per thread: set both here, not in the caller.
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
             for index in range(len(self.layers)):
                 if self._stop.is_set():
                     return
@@ -88,13 +100,14 @@ class DenseStream:
     def start(self, beside_layers: int) -> None:
         """Make every layer's output in a thread on half the CPU threads; the carve's own first
         `beside_layers` layers run on the other half."""
-        self.threads = torch.get_num_threads()
-        carve, dense = thread_split(self.threads)
+        threads = torch.get_num_threads()
+        carve, dense = thread_split(threads)
         self.beside_layers = beside_layers
+        thread = threading.Thread(target=self._run, args=(dense,), name="cmoe-dense-stream",
+                                  daemon=True)
+        thread.start()  # may fail (no thread to be had): nothing changed yet
+        self._thread, self.threads = thread, threads
         torch.set_num_threads(carve)
-        self._thread = threading.Thread(target=self._run, args=(dense,), name="cmoe-dense-stream",
-                                        daemon=True)
-        self._thread.start()
 
     def take(self, index: int) -> torch.Tensor:
         """Layer `index`'s output; the carve asks for them in order, once each."""
@@ -122,13 +135,17 @@ class DenseStream:
                 raise RuntimeError("the dense stream's thread failed") from self._error
 
     def stop(self) -> None:
-        """On any exit: stop the thread after its current layer and restore the thread count."""
+        """On any exit: stop the thread after its current layer, restore the thread count and
+        drop the outputs the carve did not take."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-            self.threads = None
+        try:
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+                self.threads = None
+            self._outputs = [None] * len(self._outputs)
 
 
 def beside_layers(num_layers: int) -> int:

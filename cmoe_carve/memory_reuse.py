@@ -10,10 +10,11 @@ faults and 78 s of system time; with large allocations kept on the heap and the 
 not returned. This is what jemalloc or tcmalloc preloading does for PyTorch on CPUs, without
 either installed.
 
-Every thread shares that one heap (one malloc arena): a thread's own arena can hold no block past
-64 MiB, so glibc maps each larger tensor of a second thread (the carve's dense stream, the
-fine-tune's teacher) afresh whatever the thresholds say. With the carve's dense stream in a
-thread, that was 25 s of system time against 5 s with one arena.
+Threads that first allocate after this call share that one heap (one malloc arena): a thread's
+own arena can hold no block past 64 MiB, so glibc maps each larger tensor of a second thread (the
+carve's dense stream, the fine-tune's teacher) afresh whatever the thresholds say. With the
+carve's dense stream in a thread, that was 25 s of system time against 5 s with one arena. The
+commands call this first; arenas made before it stay in use.
 """
 
 from __future__ import annotations

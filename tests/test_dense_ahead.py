@@ -65,12 +65,18 @@ def test_plan_splits_threads_and_layers():
     assert beside_layers(30) == 15 and beside_layers(2) == 1 and beside_layers(7) == 4
     hidden = torch.zeros(8, 2048, 576)
     cpu = torch.device("cpu")
-    assert runs_beside(True, cpu, hidden, 30, streamed=False) == (torch.get_num_threads() >= 2)
-    assert not runs_beside(False, cpu, hidden, 30, streamed=False)
-    assert not runs_beside(True, cpu, hidden, 30, streamed=True)
-    assert not runs_beside(True, torch.device("meta"), hidden, 30, streamed=False)
+    ample = dict(layer_bytes=400 << 20, available=16 << 30)
+    assert runs_beside(True, cpu, hidden, 30, False, **ample) == (torch.get_num_threads() >= 2)
+    assert not runs_beside(False, cpu, hidden, 30, False, **ample)
+    assert not runs_beside(True, cpu, hidden, 30, True, **ample)  # streamed
+    assert not runs_beside(True, torch.device("meta"), hidden, 30, False, **ample)
     # every layer's output held at once must fit: 8 x 2,048 x 576 fp32 is 38 MB a layer
-    assert not runs_beside(True, cpu, hidden, 100, streamed=False)
+    assert not runs_beside(True, cpu, hidden, 100, False, **ample)
+    # ... and, with a dense layer call's activations, in half the memory available
+    # (1.13 GB of outputs + 0.42 GB: in half of 4 GiB, not in half of 2.5 GiB)
+    two = torch.get_num_threads() >= 2
+    assert runs_beside(True, cpu, hidden, 30, False, layer_bytes=400 << 20, available=4 << 30) == two
+    assert not runs_beside(True, cpu, hidden, 30, False, layer_bytes=400 << 20, available=5 << 29)
 
 
 def test_made_in_turn_gives_each_layer_on_the_callers_thread():
@@ -109,6 +115,18 @@ def test_stopped_thread_restores_the_thread_count(two_threads):
     stream.start(3)
     stream.take(0)
     stream.stop()  # the carve failed at its first layer
+    assert torch.get_num_threads() == 2
+
+
+def test_thread_that_cannot_start_leaves_the_thread_count_alone(two_threads, monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    stream = _stream(4, [])
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        stream.start(2)
+    stream.stop()  # what the carve's cleanup does: nothing to join, nothing to restore
     assert torch.get_num_threads() == 2
 
 

@@ -81,8 +81,10 @@ def test_tuned_malloc_reuses_a_threads_freed_tensors_too():
         pytest.skip("this C library has no mallopt (not glibc)")
     _, plain = _faults("plain", probe=_THREAD_PROBE)
     pages = 10 * (192 << 20) // resource.getpagesize()  # what x and z take
-    assert plain > pages // 2
-    assert tuned < pages // 4
+    # Mapped afresh, every page faults again (491k of 492k here); on the shared heap 24-172k
+    # over 20 runs (some runs still grow the heap in the measured steps), never half.
+    assert plain > (pages * 3) // 4
+    assert tuned < pages // 2
 
 
 def test_env_switch_leaves_malloc_alone():
