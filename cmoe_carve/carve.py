@@ -21,6 +21,7 @@ from .dense_ahead import DenseStream, beside_layers, runs_beside
 from .errors import ModelError, SpecError
 from .layer_calls import (
     adds_ffn_to_stream,
+    call_bytes,
     capture_ffn_residual,
     carve_layer,
     no_cache,
@@ -305,11 +306,11 @@ def carve_model(
     streams = config.refit and config.refit_target == "stream" and config.stream_mix > 0
     batches = window_batches(hidden.shape[0], hidden.shape[1], intermediate)
     dense = DenseStream(layers, hidden, layer_args, batches) if streams else None
-    # One dense layer call's FFN activations (four [tokens, d_h] fp32), beside the carve's own.
-    call_bytes = 16 * intermediate * hidden.shape[1] * max(b - a for a, b in batches)
+    # A dense layer call's activations come beside the carve's own.
+    widest = max(b - a for a, b in batches)
     beside = dense is not None and runs_beside(
         config.dense_beside, torch.device(device), hidden, len(layers), layer_io is not None,
-        layer_bytes=call_bytes)
+        layer_bytes=call_bytes(widest, hidden.shape[1], intermediate))
     # The carve's stream moves on layer by layer: this frame must not keep the embeddings.
     inputs = [hidden]
     del hidden

@@ -69,6 +69,7 @@ class DenseStream:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._next = 0  # the next layer to make on demand (no thread)
+        self.beside_layers = len(layers)  # the layer at which the carve takes every thread back
         self.threads: int | None = None  # the main thread's count, to restore
         self.seconds: float | None = None  # the thread's time from start to its last layer
 
@@ -119,8 +120,7 @@ class DenseStream:
         if index == self.beside_layers:
             self.finish()
         self._ready[index].wait()
-        if self._error is not None:
-            raise RuntimeError("the dense stream's thread failed") from self._error
+        self._raise_failure()
         out, self._outputs[index] = self._outputs[index], None
         return out
 
@@ -128,11 +128,17 @@ class DenseStream:
         """Wait for the thread to end and give the carve every thread back."""
         if self._thread is not None:
             self._thread.join()
-            if self.threads is not None:
-                torch.set_num_threads(self.threads)
-                self.threads = None
-            if self._error is not None:
-                raise RuntimeError("the dense stream's thread failed") from self._error
+            self._restore_threads()
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("the dense stream's thread failed") from self._error
+
+    def _restore_threads(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+            self.threads = None
 
     def stop(self) -> None:
         """On any exit: stop the thread after its current layer, restore the thread count and
@@ -142,9 +148,7 @@ class DenseStream:
             if self._thread is not None:
                 self._thread.join()
         finally:
-            if self.threads is not None:
-                torch.set_num_threads(self.threads)
-                self.threads = None
+            self._restore_threads()
             self._outputs = [None] * len(self._outputs)
 
 

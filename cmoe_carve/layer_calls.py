@@ -108,9 +108,15 @@ class _CarveOnCall(nn.Module):
 BATCH_BYTES = 2 * 2**30
 
 
+def call_bytes(windows: int, seqlen: int, width: int) -> int:
+    """The FFN-wide fp32 activations of one layer call on `windows` windows (4 per token and
+    neuron)."""
+    return 16 * width * seqlen * windows
+
+
 def window_batches(num_windows: int, seqlen: int, width: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of calibration windows run through a layer together."""
-    per_batch = max(1, BATCH_BYTES // (16 * width * seqlen))
+    per_batch = max(1, BATCH_BYTES // call_bytes(1, seqlen, width))
     return [(i, min(i + per_batch, num_windows)) for i in range(0, num_windows, per_batch)]
 
 
